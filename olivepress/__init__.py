@@ -1,0 +1,1 @@
+"""olivepress: the host side (launcher, image builds, the Azure ML push)."""

@@ -1,0 +1,136 @@
+"""What every stage entrypoint shares: the volume options, Olive's workflow runner, device checks."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stages import volume
+
+# Packages whose versions every torch-side stage records in its manifest.
+TORCH_STACK = ("olive-ai", "torch", "transformers", "peft", "accelerate", "tokenizers", "onnx", "onnxruntime")
+
+
+def stage_command(name: str, help_text: str | None = None) -> Callable[[Callable], click.Command]:
+    """A click command with the options every stage takes: --home and --force.
+
+    Every option also reads OLIVEPRESS_<STAGE>_<OPTION> (e.g. OLIVEPRESS_FINETUNE_MAX_STEPS).
+    """
+
+    def decorate(func: Callable) -> click.Command:
+        @click.option(
+            "--home",
+            "root",
+            envvar=volume.HOME_ENV,
+            show_envvar=True,
+            type=click.Path(file_okay=False, path_type=Path),
+            help=f"Volume root holding every stage's folder [default: ./{volume.DEFAULT_HOME}].",
+        )
+        @click.option("--force", is_flag=True, help="Run even if inputs and parameters match the last run.")
+        @click.option("-v", "--verbose", is_flag=True, help="Show library logs on the console too.")
+        @functools.wraps(func)
+        def wrapper(root: Path | None, force: bool, verbose: bool, **kwargs: Any) -> None:
+            root = volume.home(root)
+            volume.use_volume_caches(root)
+            logging.basicConfig(
+                level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+            )
+            logging.getLogger("olivepress").setLevel(logging.INFO)
+            return func(root=root, force=force, **kwargs)
+
+        return click.command(
+            name,
+            help=help_text or func.__doc__,
+            context_settings={"auto_envvar_prefix": f"OLIVEPRESS_{name.upper()}", "show_default": True},
+        )(wrapper)
+
+    return decorate
+
+
+def entrypoint(command: click.Command) -> None:
+    """``python -m stages.<name>``: the container entrypoint, with the same env-var prefix as the launcher."""
+    command(prog_name=f"python -m stages.{command.name}", auto_envvar_prefix=f"OLIVEPRESS_{command.name.upper()}")
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_dtype(choice: str) -> str:
+    """``auto`` is bfloat16 on a GPU and float32 on a CPU, where bf16 training is slow or unsupported."""
+    if choice != "auto":
+        return choice
+    return "bfloat16" if has_cuda() else "float32"
+
+
+@contextmanager
+def scratch(root: Path, prefix: str) -> Iterator[Path]:
+    """A temporary folder on the volume (not /tmp: real models do not fit there), removed afterwards."""
+    base = root / "cache" / "tmp"
+    base.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_olive(
+    workdir: Path,
+    input_model: dict[str, Any],
+    passes: dict[str, Any],
+    data_configs: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Run one Olive workflow on this machine and return the folder of its output model.
+
+    Olive gets a fresh cache inside ``workdir``: our manifests decide what to skip, and a stale
+    Olive cache must never stand in for a rerun the user forced.
+    """
+    from olive.workflows import run
+
+    device = "gpu" if has_cuda() else "cpu"
+    provider = "CUDAExecutionProvider" if device == "gpu" else "CPUExecutionProvider"
+    config = {
+        "input_model": {"type": "HfModel", **input_model},
+        "systems": {
+            "local_system": {
+                "type": "LocalSystem",
+                "accelerators": [{"device": device, "execution_providers": [provider]}],
+            }
+        },
+        "data_configs": data_configs or [],
+        "passes": passes,
+        "host": "local_system",
+        "target": "local_system",
+        "cache_config": {"cache_dir": str(workdir / "olive-cache")},
+        "output_dir": str(workdir / "output"),
+        "no_artifacts": True,
+        "log_severity_level": 1,
+    }
+    output = run(config)
+    if output is None or not output.has_output_model():
+        raise click.ClickException(
+            f"Olive produced no output model (passes: {', '.join(passes)}); see the stage log for its reason"
+        )
+    return workdir / "output"
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    for pattern in ("tokenizer*", "special_tokens_map.json", "chat_template.jinja", "*.model"):
+        for file in source.glob(pattern):
+            shutil.copy2(file, target / file.name)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in {"1", "true", "yes"}

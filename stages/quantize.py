@@ -1,0 +1,255 @@
+"""quantize: 4-bit weight quantization of a Hugging Face causal LM through Olive.
+
+Writes ``quantize/model`` (the quantized checkpoint, as Olive saved it) and
+``quantize/dequantized`` (a plain float model holding exactly the values the
+quantized kernels compute with).  LoRA trains on the dequantized model: PEFT
+cannot attach to Olive's QuantLinear, and AWQ checkpoints need gptqmodel under
+transformers 5 (see the README), so this is the one route that serves AWQ, GPTQ
+and RTN alike.  Knowing how each format packs its weights stays in this module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import click
+
+from stages import common, data, volume
+from stages.tiny_model import build as build_tiny_model
+
+ALGORITHMS = {
+    # name: (Olive pass, needs a CUDA GPU, uses calibration data)
+    "awq": ("AutoAWQQuantizer", True, True),
+    "gptq": ("Gptq", False, True),
+    "rtn": ("Rtn", False, False),
+}
+TINY = "tiny"
+
+
+def resolve_model(model: str, root: Path) -> str:
+    """``tiny`` is the embedded default, built on first use; a folder is used as is; anything else is a hub id."""
+    if model != TINY:
+        return str(Path(model).resolve()) if Path(model).exists() else model
+    folder = volume.tiny_model_dir(root)
+    if not (folder / "config.json").is_file():
+        build_tiny_model(folder, data.DEFAULT_DATA, vocab_size=2048, seed=0, config_file=None)
+    return str(folder)
+
+
+def model_dtype(model: str, trust_remote_code: bool) -> str:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return str(dtype).removeprefix("torch.")
+
+
+def write_calibration(dataset: data.Dataset, samples: int, folder: Path) -> Path:
+    """The rendered training texts as a local JSONL dataset folder: Olive and AutoAWQ read it instead of a hub set."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "calibration.jsonl").open("w", encoding="utf-8") as f:
+        for text in dataset.texts()[:samples]:
+            f.write(json.dumps({"text": text}) + "\n")
+    return folder
+
+
+def quantize(
+    model: str,
+    algorithm: str,
+    bits: int,
+    group_size: int,
+    calibration: Path | None,
+    max_seq_len: int,
+    trust_remote_code: bool,
+    workdir: Path,
+    out: Path,
+) -> None:
+    pass_type, _, _ = ALGORITHMS[algorithm]
+    config: dict = {"type": pass_type, "bits": bits}
+    data_configs = []
+    if algorithm == "awq":
+        config["q_group_size"] = group_size
+    else:
+        config["group_size"] = group_size
+    if calibration:
+        config["data_config"] = "calibration_data"
+        data_configs.append(
+            {
+                "name": "calibration_data",
+                "type": "HuggingfaceContainer",
+                # AutoAWQ calls datasets.load_dataset(data_name, split=...) itself: a local folder works for both.
+                "load_dataset_config": {"data_name": str(calibration), "split": "train"},
+                "pre_process_data_config": {"input_cols": ["text"], "max_seq_len": max_seq_len},
+                "dataloader_config": {"batch_size": 1},
+            }
+        )
+    load_kwargs = {"attn_implementation": "eager", "trust_remote_code": trust_remote_code}
+    output = common.run_olive(
+        workdir, {"model_path": model, "load_kwargs": load_kwargs}, {"quantize": config}, data_configs
+    )
+    shutil.move(str(output / "model"), out)
+
+
+def dequantize(quantized: Path, out: Path, dtype: str) -> None:
+    """Write the float model that the quantized weights stand for, in Hugging Face layout."""
+    method = json.loads((quantized / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
+    if method == "olive":
+        _dequantize_olive(quantized, out, dtype)
+    elif method == "awq":
+        _dequantize_awq(quantized, out, dtype)
+    else:
+        raise volume.StageError(f"{quantized} has quant_method {method!r}; olivepress reads 'olive' and 'awq'")
+    common.copy_tokenizer(quantized, out)
+
+
+def _dequantize_olive(quantized: Path, out: Path, dtype: str) -> None:
+    import torch
+    from olive.common.hf.utils import load_model_from_task
+    from olive.common.quant.nn import QuantEmbedding, QuantLinear
+
+    model = load_model_from_task("text-generation", str(quantized), dtype=getattr(torch, dtype))
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuantLinear):
+                plain = torch.nn.Linear(child.cols, child.rows, bias=child.bias is not None)
+            elif isinstance(child, QuantEmbedding):
+                plain = torch.nn.Embedding(child.rows, child.cols)
+            else:
+                continue
+            plain.weight.data = child.unpack_and_dequantize(child.qweight, child.scales, child.qzeros).to(
+                getattr(torch, dtype)
+            )
+            if getattr(child, "bias", None) is not None:
+                plain.bias.data = child.bias.data.clone()
+            setattr(parent, name, plain)
+    _save_plain(model, out)
+
+
+def _dequantize_awq(quantized: Path, out: Path, dtype: str) -> None:
+    import torch
+    from awq.utils.packing_utils import dequantize_gemm
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(quantized)
+    qcfg = config.quantization_config
+    qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+    if str(qcfg.get("version", "gemm")).lower() != "gemm":
+        raise volume.StageError(f"AWQ version {qcfg.get('version')!r} is not read; quantize with version gemm")
+    state: dict = {}
+    for file in sorted(quantized.glob("*.safetensors")):
+        state.update(load_file(file))
+    for key in [k for k in state if k.endswith(".qweight")]:
+        prefix = key.removesuffix(".qweight")
+        weight = dequantize_gemm(
+            state.pop(key), state.pop(f"{prefix}.qzeros"), state.pop(f"{prefix}.scales"), qcfg["bits"], qcfg["group_size"]
+        )
+        state[f"{prefix}.weight"] = weight.T.contiguous()  # AWQ packs (in, out); nn.Linear holds (out, in)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.load_state_dict({k: v.to(getattr(torch, dtype)) for k, v in state.items()}, strict=False, assign=True)
+    model.tie_weights()
+    _save_plain(model, out)
+
+
+def _save_plain(model, out: Path) -> None:  # noqa: ANN001 (a transformers PreTrainedModel)
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    for attribute in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+    model.is_quantized = False
+    model.save_pretrained(out)
+
+
+@common.stage_command("quantize")
+@click.option(
+    "--model",
+    default=TINY,
+    help="Hugging Face hub id or local folder; 'tiny' is the embedded random-weight Phi-3 (built on first use).",
+)
+@click.option(
+    "--algorithm",
+    type=click.Choice(sorted(ALGORITHMS)),
+    default="gptq",
+    help="awq is the lab's (needs a CUDA GPU); gptq and rtn also run on a CPU.",
+)
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", help="Weight bits.")
+@click.option("--group-size", default=128, help="Weights sharing one scale and zero point.")
+@click.option(
+    "--calibration-data",
+    type=click.Path(path_type=Path),
+    default=data.DEFAULT_DATA,
+    help="JSONL of {prompt, response} rows that awq and gptq calibrate on (never a hub dataset).",
+)
+@click.option("--text-template", default=data.DEFAULT_TEMPLATE, help="How a row becomes calibration text.")
+@click.option("--calibration-samples", default=128, help="Rows used for calibration.")
+@click.option("--max-seq-len", default=512, help="Tokens per calibration sample.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (off: unsafe).")
+def command(
+    root: Path,
+    force: bool,
+    model: str,
+    algorithm: str,
+    bits: str,
+    group_size: int,
+    calibration_data: Path,
+    text_template: str,
+    calibration_samples: int,
+    max_seq_len: int,
+    trust_remote_code: bool,
+) -> None:
+    """Quantize a causal LM to 4-bit weights with Olive (AWQ, GPTQ or RTN).
+
+    \b
+    Examples:
+      olivepress quantize                         # the tiny default, GPTQ on CPU
+      olivepress quantize --model microsoft/Phi-3.5-mini-instruct --algorithm awq
+    """
+    _, needs_gpu, calibrates = ALGORITHMS[algorithm]
+    if needs_gpu and not common.has_cuda():
+        cpu_ones = ", ".join(a for a, (_, gpu, _) in sorted(ALGORITHMS.items()) if not gpu)
+        raise volume.StageError(
+            f"--algorithm {algorithm} needs a CUDA GPU and none is visible; on a CPU use --algorithm one of {cpu_ones}"
+        )
+    text_template = data.unescape(text_template)
+    dataset = data.load_dataset(calibration_data, text_template) if calibrates else None
+    model = resolve_model(model, root)
+    parameters = {
+        "algorithm": algorithm,
+        "bits": int(bits),
+        "group_size": group_size,
+        "text_template": text_template if calibrates else None,
+        "calibration_samples": calibration_samples if calibrates else None,
+        "max_seq_len": max_seq_len if calibrates else None,
+        "trust_remote_code": trust_remote_code,
+    }
+    inputs: dict = {"model": model}
+    if calibrates:
+        inputs["calibration_data"] = calibration_data
+
+    def work(out: Path) -> dict:
+        dtype = model_dtype(model, trust_remote_code)
+        with common.scratch(root, "quantize-") as tmp:
+            calibration = write_calibration(dataset, calibration_samples, tmp / "calibration") if dataset else None
+            quantize(
+                model,
+                algorithm,
+                int(bits),
+                group_size,
+                calibration,
+                max_seq_len,
+                trust_remote_code,
+                tmp,
+                out / "model",
+            )
+        dequantize(out / "model", out / "dequantized", dtype)
+        return {"base_model": model if not Path(model).exists() else Path(model).name, "dtype": dtype}
+
+    volume.run_stage("quantize", root, inputs, parameters, work, force=force, packages=(*common.TORCH_STACK, "autoawq"))
+
+
+if __name__ == "__main__":
+    common.entrypoint(command)

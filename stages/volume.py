@@ -1,0 +1,213 @@
+"""The volume contract: where each stage reads and writes, and what it records.
+
+Layout under one root (``--home``, env ``OLIVEPRESS_HOME``, default ``./artifacts``)::
+
+    tiny-model/          the embedded default base model (make-tiny-model)
+    quantize/            manifest.json, log.txt, model/ (quantized checkpoint), dequantized/ (float model)
+    finetune/            manifest.json, log.txt, adapter/ (PEFT LoRA adapter)
+    optimize/            manifest.json, log.txt, model/ (onnxruntime-genai folder), adapters/<name>.onnx_adapter
+    infer/               manifest.json, log.txt, answers.json
+    cache/               Hugging Face and Olive caches, so nothing lands in the home folder
+
+A stage builds its folder as ``.<stage>.partial`` and renames it into place only
+on success, so a crash or Ctrl-C never leaves a half-written stage.  This module
+is imported by the slim inference image: it must not import torch or transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import click
+
+HOME_ENV = "OLIVEPRESS_HOME"
+DEFAULT_HOME = "artifacts"
+STAGES = ("quantize", "finetune", "optimize", "infer")
+MANIFEST = "manifest.json"
+LOG = "log.txt"
+SCHEMA = 1
+
+log = logging.getLogger("olivepress")
+
+
+class StageError(click.ClickException):
+    """A problem the user can fix: the message names the problem and the fix; exit code 2, as for bad usage."""
+
+    exit_code = 2
+
+
+def home(root: str | os.PathLike | None = None) -> Path:
+    return Path(root or os.environ.get(HOME_ENV) or DEFAULT_HOME).resolve()
+
+
+def stage_dir(root: Path, stage: str) -> Path:
+    return root / stage
+
+
+def tiny_model_dir(root: Path) -> Path:
+    return root / "tiny-model"
+
+
+def use_volume_caches(root: Path) -> None:
+    """Point the Hugging Face and Olive caches into the volume, unless the user set them."""
+    cache = root / "cache"
+    os.environ.setdefault("HF_HOME", str(cache / "huggingface"))
+    os.environ.setdefault("OLIVE_CACHE_DIR", str(cache / "olive"))
+    os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_hashes(folder: Path, exclude: tuple[str, ...] = (MANIFEST, LOG)) -> dict[str, str]:
+    """sha256 of every file below ``folder``, by posix path relative to it, sorted."""
+    if folder.is_file():
+        return {folder.name: sha256_file(folder)}
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() not in exclude
+    }
+
+
+def tree_bytes(folder: Path) -> int:
+    if folder.is_file():
+        return folder.stat().st_size
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def digest_of(hashes: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+
+
+def describe_input(value: str | Path) -> dict[str, Any]:
+    """Identify an input by content: a stage's output by its manifest, a folder or file by hashing it,
+    anything else (a Hugging Face hub id) by name."""
+    path = Path(value)
+    if not path.exists():
+        return {"hub_id": str(value)}
+    path = path.resolve()
+    for parent in (path, *path.parents):
+        manifest = read_manifest(parent)
+        if manifest and manifest.get("schema") == SCHEMA:
+            rel = path.relative_to(parent).as_posix()
+            outputs = {
+                k: v for k, v in manifest["outputs"].items() if rel == "." or k == rel or k.startswith(rel + "/")
+            }
+            return {"path": str(path), "sha256": digest_of(outputs), "stage": manifest["stage"]}
+    return {"path": str(path), "sha256": digest_of(tree_hashes(path))}
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _same_work(manifest: dict[str, Any] | None, inputs: dict[str, Any], parameters: dict[str, Any]) -> bool:
+    return bool(manifest) and manifest.get("inputs") == inputs and manifest.get("parameters") == parameters
+
+
+def run_stage(
+    stage: str,
+    root: Path,
+    inputs: dict[str, str | Path],
+    parameters: dict[str, Any],
+    work: Callable[[Path], dict[str, Any] | None],
+    *,
+    force: bool = False,
+    packages: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Run ``work(partial_folder)`` and publish the folder with its manifest, or skip if nothing changed.
+
+    ``work`` returns extra manifest fields (metrics, answers) or None.
+    """
+    final = stage_dir(root, stage)
+    described = {name: describe_input(value) for name, value in inputs.items()}
+    existing = read_manifest(final)
+    if not force and _same_work(existing, described, parameters):
+        log.info("%s: inputs and parameters unchanged, skipped (--force reruns it)", stage)
+        return existing  # type: ignore[return-value]
+
+    root.mkdir(parents=True, exist_ok=True)
+    partial = root / f".{stage}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    handler = logging.FileHandler(partial / LOG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    started = datetime.now(timezone.utc)
+    clock = time.perf_counter()
+    try:
+        extra = work(partial) or {}
+        outputs = tree_hashes(partial)
+        manifest = {
+            "schema": SCHEMA,
+            "stage": stage,
+            "inputs": described,
+            "parameters": parameters,
+            "versions": package_versions(packages),
+            "started": started.isoformat(timespec="seconds"),
+            "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - clock, 2),
+            "bytes_in": sum(tree_bytes(Path(d["path"])) for d in described.values() if "path" in d),
+            "bytes_out": tree_bytes(partial),
+            "outputs": outputs,
+            **extra,
+        }
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    except BaseException:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+    _publish(partial, final)
+    log.info("%s: done in %.1f s -> %s", stage, manifest["wall_s"], final)
+    return manifest
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Swap ``partial`` into ``final``; the old folder is removed only once the new one is in place."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def require_stage(root: Path, stage: str, hint: str) -> Path:
+    """The published folder of an earlier stage, or a StageError saying how to make it."""
+    folder = stage_dir(root, stage)
+    if read_manifest(folder) is None:
+        raise StageError(f"no {stage} output under {root}: {hint}")
+    return folder
