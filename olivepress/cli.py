@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from stages import quantize, tiny_model
+from stages import finetune, infer, optimize, quantize, tiny_model
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,3 +24,6 @@ def main() -> None:
 
 main.add_command(tiny_model.main, "make-tiny-model")
 main.add_command(quantize.command, "quantize")
+main.add_command(finetune.command, "finetune")
+main.add_command(optimize.command, "optimize")
+main.add_command(infer.command, "infer")

@@ -17,6 +17,7 @@ import click
 from stages import volume
 
 # Packages whose versions every torch-side stage records in its manifest.
+_console = {"verbose": False}
 TORCH_STACK = ("olive-ai", "torch", "transformers", "peft", "accelerate", "tokenizers", "onnx", "onnxruntime")
 
 
@@ -41,10 +42,12 @@ def stage_command(name: str, help_text: str | None = None) -> Callable[[Callable
         def wrapper(root: Path | None, force: bool, verbose: bool, **kwargs: Any) -> None:
             root = volume.home(root)
             volume.use_volume_caches(root)
-            logging.basicConfig(
-                level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+            _console["verbose"] = verbose
+            # Everything at INFO reaches the stage's log.txt; the console shows warnings, and our own progress.
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+            logging.getLogger().handlers[0].addFilter(
+                lambda record: verbose or record.levelno >= logging.WARNING or record.name == "olivepress"
             )
-            logging.getLogger("olivepress").setLevel(logging.INFO)
             return func(root=root, force=force, **kwargs)
 
         return click.command(
@@ -98,6 +101,10 @@ def run_olive(
     Olive cache must never stand in for a rerun the user forced.
     """
     from olive.workflows import run
+
+    for handler in logging.getLogger("olive").handlers:  # Olive prints INFO to stdout; the stage log has it all
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.INFO if _console["verbose"] else logging.WARNING)
 
     device = "gpu" if has_cuda() else "cpu"
     provider = "CUDAExecutionProvider" if device == "gpu" else "CPUExecutionProvider"

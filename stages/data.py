@@ -92,3 +92,9 @@ def split(dataset: Dataset, heldout_fraction: float, seed: int) -> tuple[list[in
 def unescape(template: str) -> str:
     """Shells pass the lab's template with a literal backslash-n; it means a newline."""
     return template.replace("\\n", "\n")
+
+
+def rows_sha256(dataset: Dataset, indices: list[int]) -> str:
+    """A content hash of the chosen rows, so two runs can tell they scored the same held-out set."""
+    payload = json.dumps([dataset.rows[i] for i in indices], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()

@@ -162,7 +162,10 @@ def run_stage(
     partial.mkdir()
     handler = logging.FileHandler(partial / LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
+    # Olive's logger does not propagate to the root logger: give it the file too.
+    loggers = [logging.getLogger(), logging.getLogger("olive")]
+    for logger in loggers:
+        logger.addHandler(handler)
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     try:
@@ -184,13 +187,20 @@ def run_stage(
         }
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     except BaseException:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        # The traceback goes to the log file only; the log is kept beside the volume, the partial output is not.
+        logging.getLogger("olivepress.trace").info("%s failed", stage, exc_info=True)
+        handler.flush()
+        failed_log = root / f"{stage}.failed.log"
+        shutil.move(partial / LOG, failed_log)
         shutil.rmtree(partial, ignore_errors=True)
+        log.warning("%s failed: nothing was published; its log is %s", stage, failed_log)
         raise
-    logging.getLogger().removeHandler(handler)
-    handler.close()
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
     _publish(partial, final)
+    (root / f"{stage}.failed.log").unlink(missing_ok=True)
     log.info("%s: done in %.1f s -> %s", stage, manifest["wall_s"], final)
     return manifest
 

@@ -1,0 +1,148 @@
+"""finetune: LoRA (or QLoRA) through Olive's training pass, on the quantized weights.
+
+It trains on ``quantize/dequantized`` (the quantized weights as a plain float
+model; quantize.py says why) and writes ``finetune/adapter`` (a PEFT adapter).
+Only the train split is seen; the held-out rows are left for scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import click
+
+from stages import common, data, volume
+
+
+def write_rows(rows: list[dict[str, str]], path: Path) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+@common.stage_command("finetune")
+@click.option(
+    "--data-files",
+    type=click.Path(path_type=Path),
+    default=data.DEFAULT_DATA,
+    help='JSONL of {"prompt": ..., "response": ...} rows (CRLF and a missing final newline are fine).',
+)
+@click.option("--text-template", default=data.DEFAULT_TEMPLATE, help="How a row becomes training text (the lab's).")
+@click.option("--method", type=click.Choice(["lora", "qlora"]), default="lora", help="qlora needs a CUDA GPU.")
+@click.option("--max-steps", default=100, type=click.IntRange(min=1), help="Optimizer steps.")
+@click.option("--rank", default=64, type=click.IntRange(min=1), help="LoRA rank r.")
+@click.option("--alpha", default=16.0, help="LoRA alpha (scale = alpha / rank).")
+@click.option("--learning-rate", default=2e-4, help="AdamW learning rate (constant schedule, Olive's default).")
+@click.option("--batch-size", default=4, type=click.IntRange(min=1), help="Sequences per step.")
+@click.option("--max-seq-len", default=512, type=click.IntRange(min=16), help="Tokens per training sequence.")
+@click.option(
+    "--target-modules", default="", help="Comma-separated module names to adapt (default: Olive's for the model)."
+)
+@click.option("--heldout-fraction", default=0.1, help="Share of rows kept out of training, for scoring.")
+@click.option("--seed", default=0, help="Seed of the split, LoRA initialisation and data order.")
+@click.option(
+    "--torch-dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    help="Training dtype; auto is bfloat16 on a GPU, float32 on a CPU.",
+)
+def command(
+    root: Path,
+    force: bool,
+    data_files: Path,
+    text_template: str,
+    method: str,
+    max_steps: int,
+    rank: int,
+    alpha: float,
+    learning_rate: float,
+    batch_size: int,
+    max_seq_len: int,
+    target_modules: str,
+    heldout_fraction: float,
+    seed: int,
+    torch_dtype: str,
+) -> None:
+    """Train a LoRA adapter on the quantized model from a JSONL of prompt/response rows.
+
+    \b
+    Examples:
+      olivepress finetune --max-steps 100
+      olivepress finetune --data-files my.jsonl --text-template '<|user|>\\n{prompt}<|end|>\\n<|assistant|>\\n{response}<|end|>'
+    """
+    text_template = data.unescape(text_template)
+    dataset = data.load_dataset(data_files, text_template)  # every row checked before any compute
+    train_idx, heldout_idx = data.split(dataset, heldout_fraction, seed)
+    if method == "qlora" and not common.has_cuda():
+        raise volume.StageError("--method qlora needs a CUDA GPU (bitsandbytes); on a CPU use --method lora")
+    base = volume.require_stage(root, "quantize", "run `olivepress quantize` first") / "dequantized"
+    dtype = common.resolve_dtype(torch_dtype)
+    parameters = {
+        "method": method,
+        "text_template": text_template,
+        "max_steps": max_steps,
+        "rank": rank,
+        "alpha": alpha,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "max_seq_len": max_seq_len,
+        "target_modules": [m for m in target_modules.split(",") if m],
+        "heldout_fraction": heldout_fraction,
+        "seed": seed,
+        "torch_dtype": dtype,
+    }
+    split_record = {
+        "seed": seed,
+        "heldout_fraction": heldout_fraction,
+        "train_rows": len(train_idx),
+        "heldout_rows": len(heldout_idx),
+        "heldout_sha256": data.rows_sha256(dataset, heldout_idx),
+        "train_sha256": data.rows_sha256(dataset, train_idx),
+    }
+
+    def work(out: Path) -> dict:
+        with common.scratch(root, "finetune-") as tmp:
+            train_file = write_rows([dataset.rows[i] for i in train_idx], tmp / "train.jsonl")
+            lora = {
+                "type": {"lora": "LoRA", "qlora": "QLoRA"}[method],
+                "train_data_config": "train_data",
+                "torch_dtype": dtype,
+                "r": rank,
+                "alpha": alpha,
+                "training_args": {
+                    "max_steps": max_steps,
+                    "learning_rate": learning_rate,
+                    "per_device_train_batch_size": batch_size,
+                    "seed": seed,
+                    "data_seed": seed,
+                    "logging_steps": max(1, max_steps // 10),
+                },
+            }
+            if parameters["target_modules"]:
+                lora["target_modules"] = parameters["target_modules"]
+            train_data = {
+                "name": "train_data",
+                "type": "HuggingfaceContainer",
+                "load_dataset_config": {"data_name": "json", "split": "train", "data_files": [str(train_file)]},
+                "pre_process_data_config": {
+                    "text_template": text_template,
+                    "max_seq_len": max_seq_len,
+                    "add_special_tokens": False,
+                    "max_samples": len(train_idx),
+                },
+                "dataloader_config": {"batch_size": batch_size},
+            }
+            model = {"model_path": str(base), "load_kwargs": {"attn_implementation": "eager"}}
+            output = common.run_olive(tmp, model, {"lora": lora}, [train_data])
+            shutil.move(str(output / "adapter"), out / "adapter")
+        return {"split": split_record}
+
+    inputs = {"base": base, "data_files": data_files}
+    volume.run_stage("finetune", root, inputs, parameters, work, force=force, packages=common.TORCH_STACK)
+
+
+if __name__ == "__main__":
+    common.entrypoint(command)

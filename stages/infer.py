@@ -1,0 +1,162 @@
+"""infer: generate with onnxruntime-genai, the LoRA adapter switched on and off by name.
+
+This is all the slim CPU image runs: it imports onnxruntime-genai, numpy and
+click, never torch or transformers.  It reads an optimize-layout folder
+(``model/`` + ``adapters/<name>.onnx_adapter``) and writes ``infer/answers.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from stages import common, volume
+
+ADAPTER_SUFFIX = ".onnx_adapter"  # as optimize writes it; not imported from there to keep torch-side code out
+BASE = "none"  # the adapter name that means "base model, no adapter"
+DEFAULT_PROMPTS = ("What is the best time of year to visit Paris?", "What should I pack for a week in Tokyo?")
+
+
+@dataclass
+class Answer:
+    prompt: str
+    adapter: str
+    text: str
+    new_tokens: int
+    time_to_first_token_ms: float
+    decode_tokens_per_s: float
+
+
+class Engine:
+    """One loaded model and its adapters; generate() streams tokens for one prompt."""
+
+    def __init__(self, folder: Path) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        model_dir = folder / "model"
+        if not (model_dir / "genai_config.json").is_file():
+            raise volume.StageError(
+                f"{folder} is not an optimized model folder (no model/genai_config.json); "
+                "run `olivepress optimize` or pass --model-dir with model/ and adapters/"
+            )
+        self.model = og.Model(str(model_dir))
+        self.tokenizer = og.Tokenizer(self.model)
+        self.adapters = og.Adapters(self.model)
+        files = sorted((folder / "adapters").glob(f"*{ADAPTER_SUFFIX}"))
+        self.adapter_names = [p.name.removesuffix(ADAPTER_SUFFIX) for p in files]
+        for name in self.adapter_names:
+            self.adapters.load(str(folder / "adapters" / f"{name}{ADAPTER_SUFFIX}"), name)
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        messages = json.dumps([{"role": "user", "content": prompt}])
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(self.tokenizer.encode(text))
+
+    def generate(self, prompt: str, adapter: str, max_new_tokens: int, echo=None) -> Answer:  # noqa: ANN001
+        if adapter != BASE and adapter not in self.adapter_names:
+            known = ", ".join([BASE, *self.adapter_names])
+            raise volume.StageError(f"no adapter named {adapter!r}; choose one of: {known}")
+        ids = self.prompt_tokens(prompt)
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        if adapter != BASE:
+            generator.set_active_adapter(self.adapters, adapter)
+        stream = self.tokenizer.create_stream()
+        start = time.perf_counter()
+        generator.append_tokens(ids)
+        pieces, first = [], None
+        while not generator.is_done():
+            generator.generate_next_token()
+            if first is None:
+                first = time.perf_counter()
+            piece = stream.decode(generator.get_next_tokens()[0])
+            pieces.append(piece)
+            if echo:
+                echo(piece)
+        end = time.perf_counter()
+        n = len(pieces)
+        return Answer(
+            prompt=prompt,
+            adapter=adapter,
+            text="".join(pieces),
+            new_tokens=n,
+            time_to_first_token_ms=round(((first or end) - start) * 1000, 1),
+            decode_tokens_per_s=round((n - 1) / (end - first), 1) if n > 1 and first else 0.0,
+        )
+
+
+@common.stage_command("infer")
+@click.option("--prompt", "prompts", multiple=True, help="A user message (repeatable) [default: two travel questions].")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    help=f"Adapter to use, or '{BASE}' for the base model (repeatable) [default: {BASE} and every adapter].",
+)
+@click.option("--max-new-tokens", default=64, type=click.IntRange(min=1), help="Tokens to generate per answer.")
+@click.option(
+    "--model-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="An optimize-layout folder (model/ + adapters/) [default: <home>/optimize].",
+)
+def command(
+    root: Path,
+    force: bool,
+    prompts: tuple[str, ...],
+    adapters: tuple[str, ...],
+    max_new_tokens: int,
+    model_dir: Path | None,
+) -> None:
+    """Generate answers with onnxruntime-genai on the CPU, with the adapter on and off.
+
+    Tokens stream to the terminal; tokens/s and time to first token go to the
+    manifest.  Answers are greedy, so the same model gives the same text.
+
+    \b
+    Examples:
+      olivepress infer --prompt "Where should I eat in Rome?" --adapter travel
+      olivepress infer --model-dir ./pulled-model --adapter none
+    """
+    folder = model_dir or volume.require_stage(root, "optimize", "run `olivepress optimize` first")
+    engine = Engine(folder)
+    chosen = list(adapters) or [BASE, *engine.adapter_names]
+    prompts = prompts or DEFAULT_PROMPTS
+    parameters = {"prompts": list(prompts), "adapters": chosen, "max_new_tokens": max_new_tokens}
+
+    ran = []
+
+    def work(out: Path) -> dict:
+        ran.append(True)
+        answers = []
+        for prompt in prompts:
+            for adapter in chosen:
+                click.secho(f"\n[{adapter}] {prompt}", bold=True)
+                answer = engine.generate(prompt, adapter, max_new_tokens, echo=lambda p: click.echo(p, nl=False))
+                click.secho(
+                    f"\n  {answer.new_tokens} tokens, {answer.decode_tokens_per_s} tokens/s, "
+                    f"first token after {answer.time_to_first_token_ms} ms",
+                    dim=True,
+                    err=True,
+                )
+                answers.append(answer)
+        # Text alone in answers.json (reproducible); timings in the manifest.
+        texts = [{"prompt": a.prompt, "adapter": a.adapter, "text": a.text} for a in answers]
+        (out / "answers.json").write_text(json.dumps(texts, indent=2, ensure_ascii=False) + "\n")
+        return {"answers": [asdict(a) for a in answers]}
+
+    manifest = volume.run_stage(
+        "infer", root, {"model": folder}, parameters, work, force=force, packages=("onnxruntime-genai", "numpy")
+    )
+    if not ran:  # skipped: show what the last run answered
+        for answer in manifest["answers"]:
+            click.echo(f"[{answer['adapter']}] {answer['prompt']}\n{answer['text']}\n")
+
+
+if __name__ == "__main__":
+    common.entrypoint(command)
