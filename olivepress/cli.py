@@ -1,9 +1,10 @@
-"""The ``olivepress`` launcher: one verb per stage, plus the host-side verbs."""
+"""The ``olivepress`` launcher: one verb per stage (the same commands the containers run), plus host-side verbs."""
 
 from __future__ import annotations
 
 import click
 
+from olivepress import run, status
 from stages import finetune, infer, optimize, quantize, tiny_model
 
 
@@ -13,17 +14,24 @@ def main() -> None:
     """Turn an open LLM into a small, fast, fine-tuned int4 ONNX model for a laptop CPU.
 
     \b
-    The stages, in order (each reads the one before from the volume):
+    The stages, in order (each reads the one before it from the volume):
       quantize   4-bit AWQ / GPTQ / RTN through Olive
       finetune   LoRA on the quantized weights
-      optimize   int4 ONNX for onnxruntime-genai, adapter kept separate
+      optimize   int4 ONNX for onnxruntime-genai, the adapter kept separate
       infer      generate with the adapter on and off
     `olivepress run` does all four; `olivepress status` shows the volume.
+    Every option also reads an environment variable: OLIVEPRESS_HOME, and
+    OLIVEPRESS_<STAGE>_<OPTION> for stage options (see each --help).
     """
 
 
-main.add_command(tiny_model.main, "make-tiny-model")
-main.add_command(quantize.command, "quantize")
-main.add_command(finetune.command, "finetune")
-main.add_command(optimize.command, "optimize")
-main.add_command(infer.command, "infer")
+for verb, command in {
+    "run": run.command,
+    "status": status.command,
+    "make-tiny-model": tiny_model.main,
+    "quantize": quantize.command,
+    "finetune": finetune.command,
+    "optimize": optimize.command,
+    "infer": infer.command,
+}.items():
+    main.add_command(command, verb)

@@ -71,7 +71,7 @@ def command(
     \b
     Examples:
       olivepress finetune --max-steps 100
-      olivepress finetune --data-files my.jsonl --text-template '<|user|>\\n{prompt}<|end|>\\n<|assistant|>\\n{response}<|end|>'
+      olivepress finetune --data-files my.jsonl --rank 16 --learning-rate 1e-4
     """
     text_template = data.unescape(text_template)
     dataset = data.load_dataset(data_files, text_template)  # every row checked before any compute
@@ -119,6 +119,8 @@ def command(
                     "seed": seed,
                     "data_seed": seed,
                     "logging_steps": max(1, max_steps // 10),
+                    # Checkpointing trades compute for GPU memory; on a CPU it only slows training down.
+                    "gradient_checkpointing": common.has_cuda(),
                 },
             }
             if parameters["target_modules"]:

@@ -144,7 +144,11 @@ def _dequantize_awq(quantized: Path, out: Path, dtype: str) -> None:
     for key in [k for k in state if k.endswith(".qweight")]:
         prefix = key.removesuffix(".qweight")
         weight = dequantize_gemm(
-            state.pop(key), state.pop(f"{prefix}.qzeros"), state.pop(f"{prefix}.scales"), qcfg["bits"], qcfg["group_size"]
+            state.pop(key),
+            state.pop(f"{prefix}.qzeros"),
+            state.pop(f"{prefix}.scales"),
+            qcfg["bits"],
+            qcfg["group_size"],
         )
         state[f"{prefix}.weight"] = weight.T.contiguous()  # AWQ packs (in, out); nn.Linear holds (out, in)
     del config.quantization_config

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from stages import data, volume
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 # The special tokens and chat template of microsoft/Phi-3.5-mini-instruct.
 SPECIAL_TOKENS = ["<unk>", "<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -36,7 +40,7 @@ TINY_SHAPES = {
 }
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with Phi-3's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -115,7 +119,15 @@ def build(output: Path, data_file: Path, vocab_size: int, seed: int, config_file
     help="A Hugging Face config.json giving real shapes, e.g. configs/phi-3.5-mini.json (3.8B).",
 )
 @click.option("--force", is_flag=True, help="Rebuild even if the folder has a model.")
-def main(output: Path | None, root: str | None, data_file: Path, vocab_size: int, seed: int, config_file, force) -> None:
+def main(
+    output: Path | None,
+    root: str | None,
+    data_file: Path,
+    vocab_size: int,
+    seed: int,
+    config_file: Path | None,
+    force: bool,
+) -> None:
     """Build a random-weight Phi-3 model and a tokenizer trained offline on the dataset.
 
     The result is in Hugging Face layout with the Phi-3 chat tokens, and the

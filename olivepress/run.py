@@ -1,0 +1,141 @@
+"""``olivepress run``: every stage in order on this machine, each in its own process.
+
+Each stage runs as ``python -m stages.<name>`` (what its container runs), its
+console output goes to ``<home>/logs/<stage>.console.txt`` and the terminal
+shows one line of progress per stage.  Settings reach the stages as the
+``OLIVEPRESS_<STAGE>_<OPTION>`` variables every stage option reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.spinner import Spinner
+from rich.table import Table
+
+from stages import volume
+
+# Shortcut options of `run`, and the stage variables they set.
+SHORTCUTS = {
+    "model": ["OLIVEPRESS_QUANTIZE_MODEL"],
+    "algorithm": ["OLIVEPRESS_QUANTIZE_ALGORITHM"],
+    "data_files": ["OLIVEPRESS_QUANTIZE_CALIBRATION_DATA", "OLIVEPRESS_FINETUNE_DATA_FILES"],
+    "max_steps": ["OLIVEPRESS_FINETUNE_MAX_STEPS"],
+}
+
+
+def _table(states: dict[str, tuple[str, str]]) -> Table:
+    table = Table.grid(padding=(0, 2))
+    for stage, (state, detail) in states.items():
+        mark = Spinner("dots") if state == "running" else {"done": "✓", "skipped": "=", "failed": "✗"}.get(state, "·")
+        table.add_row(mark, stage, state, detail)
+    return table
+
+
+def run_stage_process(stage: str, root: Path, force: bool, env: dict[str, str]) -> tuple[int, Path]:
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    console_log = logs / f"{stage}.console.txt"
+    command = [sys.executable, "-m", f"stages.{stage}", "--home", str(root)] + (["--force"] if force else [])
+    with console_log.open("w") as out:
+        process = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return process.returncode, console_log
+
+
+def _error_lines(console_log: Path, count: int = 8) -> str:
+    lines = [line for line in console_log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(("Error:", "error:"))]
+    return "\n".join(errors or lines[-count:])
+
+
+@click.command("run")
+@click.option(
+    "--home",
+    "root",
+    envvar=volume.HOME_ENV,
+    show_envvar=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help=f"Volume root [default: ./{volume.DEFAULT_HOME}].",
+)
+@click.option("--model", help="Base model: hub id, folder, or 'tiny' (the default: the embedded random-weight Phi-3).")
+@click.option("--algorithm", type=click.Choice(["awq", "gptq", "rtn"]), help="Quantizer [default: gptq].")
+@click.option("--data-files", type=click.Path(exists=True, dir_okay=False), help="JSONL to calibrate and train on.")
+@click.option("--max-steps", type=click.IntRange(min=1), help="LoRA steps [default: 100].")
+@click.option("--force", is_flag=True, help="Rerun every stage even if nothing changed.")
+def command(
+    root: Path | None,
+    model: str | None,
+    algorithm: str | None,
+    data_files: str | None,
+    max_steps: int | None,
+    force: bool,
+) -> None:
+    """Run quantize, finetune, optimize and infer in order, on this machine.
+
+    With no options it runs the embedded default: the tiny random-weight
+    Phi-3 model, GPTQ on the CPU, 100 LoRA steps on the travel data.  A stage
+    whose inputs and parameters have not changed is skipped.  Any stage
+    option can be set with its variable, e.g. OLIVEPRESS_FINETUNE_RANK=16.
+
+    \b
+    Examples:
+      olivepress run
+      olivepress run --model microsoft/Phi-3.5-mini-instruct --algorithm awq   # on a GPU host
+
+    Exit codes: 0 done, 1 a stage failed, 2 bad input (named in the message), 130 interrupted.
+    """
+    root = volume.home(root)
+    env = dict(os.environ, **{volume.HOME_ENV: str(root)})
+    for name, value in {
+        "model": model,
+        "algorithm": algorithm,
+        "data_files": data_files,
+        "max_steps": max_steps,
+    }.items():
+        if value is not None:
+            env.update(
+                {
+                    variable: str(Path(value).resolve()) if name == "data_files" else str(value)
+                    for variable in SHORTCUTS[name]
+                }
+            )
+    console = Console(stderr=True)
+    states = {stage: ("waiting", "") for stage in volume.STAGES}
+    with Live(_table(states), console=console, refresh_per_second=8, transient=False) as live:
+        for stage in volume.STAGES:
+            before = volume.read_manifest(volume.stage_dir(root, stage))
+            states[stage] = ("running", f"log: {root / 'logs' / (stage + '.console.txt')}")
+            live.update(_table(states))
+            clock = time.perf_counter()
+            try:
+                code, console_log = run_stage_process(stage, root, force, env)
+            except KeyboardInterrupt:
+                states[stage] = ("failed", "interrupted: nothing of this stage was published")
+                live.update(_table(states))
+                raise SystemExit(130) from None
+            if code != 0:
+                states[stage] = ("failed", f"exit {code} after {time.perf_counter() - clock:.1f} s")
+                live.update(_table(states))
+                live.stop()
+                console.print(f"[red]{stage} failed[/red] (exit {code}); later stages were not run.")
+                console.print(_error_lines(console_log), markup=False, highlight=False)
+                console.print(f"Full output: {console_log}")
+                raise SystemExit(2 if code == 2 else 1)
+            after = volume.read_manifest(volume.stage_dir(root, stage))
+            if after == before:
+                states[stage] = ("skipped", "unchanged since the last run")
+            else:
+                states[stage] = ("done", f"{after['wall_s']:.1f} s, {after['bytes_out'] / 1e6:.1f} MB")
+            live.update(_table(states))
+    answers = json.loads((volume.stage_dir(root, "infer") / "answers.json").read_text())
+    for answer in answers:
+        click.echo(f"\n[{answer['adapter']}] {answer['prompt']}\n{answer['text'].strip()}")
+    click.echo(f"\nEverything is under {root}; `olivepress status` lists it.")
