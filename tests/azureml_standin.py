@@ -120,7 +120,10 @@ class State:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_WS = r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.MachineLearningServices/workspaces/(?P<ws>[^/]+)"
+_WS = (
+    r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)"
+    r"/providers/Microsoft\.MachineLearningServices/workspaces/(?P<ws>[^/]+)"
+)
 
 
 class _ControlPlane(BaseHTTPRequestHandler):
