@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,7 +56,7 @@ class NoCredentials(click.ClickException):
     exit_code = EXIT_NO_CREDENTIALS
 
 
-class PushFailed(click.ClickException):
+class TransferFailed(click.ClickException):
     exit_code = 1
 
 
@@ -257,6 +257,20 @@ def _quiet_sdk(verbose: bool) -> None:
     logging.getLogger("azure.identity").setLevel(logging.CRITICAL)
     # Request and response headers at INFO: too much even for --verbose.
     logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)
+    # Some azure-ai-ml modules give themselves an INFO handler on stderr at import ("Downloading the model ...").
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("azure.ai.ml") and isinstance(logger, logging.Logger) and not logger.propagate:
+            logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+@contextmanager
+def sdk_console(verbose: bool) -> Iterator[None]:
+    """The SDK prints a colour reset after each upload; shown only where its progress bar is (a terminal)."""
+    if verbose or sys.stderr.isatty():
+        yield
+        return
+    with open(os.devnull, "w") as sink, redirect_stderr(sink):
+        yield
 
 
 def credential_and_client(target: Target, verbose: bool) -> Any:
@@ -342,6 +356,14 @@ def list_versions(client: Any, name: str) -> list[Any]:
         return list(client.models.list(name=name, list_view_type=ListViewType.ALL))
     except ResourceNotFoundError:
         return []
+
+
+def latest(versions: list[Any]) -> str:
+    """The highest numbered version; named ones (e.g. 'rc1') only when none is numbered."""
+    numbered = [str(v.version) for v in versions if str(v.version).isdigit()]
+    if numbered:
+        return max(numbered, key=int)
+    return max(str(v.version) for v in versions)
 
 
 def next_version(versions: list[Any]) -> str:
@@ -461,7 +483,7 @@ def push(
     client = credential_and_client(target, verbose)  # before any hashing or upload
     verify_files(folder, manifest["outputs"])
     try:
-        result = _push(client, target, root, manifest, name, version, tags, description, retries)
+        result = _push(client, target, root, manifest, name, version, tags, description, retries, verbose)
     except click.ClickException:
         raise
     except Exception as e:
@@ -469,7 +491,7 @@ def push(
         if denied:
             raise denied from None
         detail = f"\n{e}" if verbose else " (--verbose shows the SDK's error)"
-        raise PushFailed(
+        raise TransferFailed(
             f"push to {target} failed: {_short(e)}{detail}\nNothing was registered: no version of {name} points at "
             f"this upload. Run the same command again once the cause is fixed; files already uploaded are reused."
         ) from None
@@ -486,6 +508,7 @@ def _push(
     tags: dict[str, str],
     description: str,
     retries: int,
+    verbose: bool,
 ) -> str:
     from azure.ai.ml.constants import AssetTypes
     from azure.ai.ml.entities import Model
@@ -514,7 +537,8 @@ def _push(
 
         def register() -> Any:
             try:
-                return client.models.create_or_update(model)
+                with sdk_console(verbose):
+                    return client.models.create_or_update(model)
             except Exception:
                 # The final PUT may have landed before its answer was lost: if our version is there, it is done.
                 registered = _get_version(client, name, version)
@@ -555,9 +579,11 @@ def verify_download(folder: Path) -> dict[str, Any]:
     for rel, expected in manifest["outputs"].items():
         path = folder / rel
         if not path.is_file():
-            raise PushFailed(f"download incomplete: {rel} is missing; nothing was changed, run `olivepress pull` again")
+            raise TransferFailed(
+                f"download incomplete: {rel} is missing; nothing was changed, run `olivepress pull` again"
+            )
         if volume.sha256_file(path) != expected:
-            raise PushFailed(f"download corrupt: {rel} does not match its sha256; nothing was changed, try again")
+            raise TransferFailed(f"download corrupt: {rel} does not match its sha256; nothing was changed, try again")
     allowed = set(manifest["outputs"]) | {volume.MANIFEST, volume.LOG}
     extra = [
         p.relative_to(folder).as_posix()
@@ -565,7 +591,9 @@ def verify_download(folder: Path) -> dict[str, Any]:
         if p.is_file() and p.relative_to(folder).as_posix() not in allowed and p.relative_to(folder).parts[0] != LINEAGE
     ]
     if extra:
-        raise PushFailed(f"the registered model has files its manifest does not list: {', '.join(sorted(extra)[:5])}")
+        raise TransferFailed(
+            f"the registered model has files its manifest does not list: {', '.join(sorted(extra)[:5])}"
+        )
     return manifest
 
 
@@ -605,7 +633,7 @@ def pull(
     target = resolve_target(subscription, resource_group, workspace, registry, config)
     client = credential_and_client(target, verbose)
     try:
-        _pull(client, target, root, name, version, force)
+        _pull(client, target, root, name, version, force, verbose)
     except click.ClickException:
         raise
     except Exception as e:
@@ -619,20 +647,22 @@ def pull(
                 f"{ref} not found in {target}: check the name and version (`az ml model list`)"
             ) from None
         detail = f"\n{e}" if verbose else " (--verbose shows the SDK's error)"
-        raise PushFailed(
+        raise TransferFailed(
             f"pull of {ref} from {target} failed: {_short(e)}{detail}\n<home>/optimize is unchanged."
         ) from None
 
 
-def _pull(client: Any, target: Target, root: Path, name: str, version: str | None, force: bool) -> None:
+def _download(client: Any, name: str, version: str, folder: Path, verbose: bool) -> None:
+    with sdk_console(verbose):
+        client.models.download(name=name, version=version, download_path=str(folder))
+
+
+def _pull(client: Any, target: Target, root: Path, name: str, version: str | None, force: bool, verbose: bool) -> None:
     if version is None:
         versions = list_versions(client, name)
         if not versions:
             raise click.UsageError(f"no model named {name} in {target}")
-        version = max(
-            versions,
-            key=lambda v: (str(v.version).isdigit(), int(v.version) if str(v.version).isdigit() else 0, str(v.version)),
-        ).version
+        version = latest(versions)
     model = client.models.get(name=name, version=version)
     wanted = (model.tags or {}).get(CONTENT_TAG)
     final = volume.stage_dir(root, "optimize")
@@ -651,14 +681,14 @@ def _pull(client: Any, target: Target, root: Path, name: str, version: str | Non
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
-        with_retries(
-            "download", lambda: client.models.download(name=name, version=version, download_path=str(partial)), 3, 5.0
-        )
+        with_retries("download", lambda: _download(client, name, version, partial, verbose), 3, 5.0)
         manifests = sorted(partial.rglob(volume.MANIFEST), key=lambda p: len(p.parts))
         folder = manifests[0].parent if manifests else partial
         manifest = verify_download(folder)
         if wanted and content_id(manifest) != wanted:
-            raise PushFailed(f"{name}:{version}'s files do not match its {CONTENT_TAG} tag; it was changed after push")
+            raise TransferFailed(
+                f"{name}:{version}'s files do not match its {CONTENT_TAG} tag; it was changed after push"
+            )
         old = root / ".optimize.old"
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
