@@ -1,0 +1,83 @@
+# The slim CPU inference image: the infer stage and onnxruntime-genai, nothing else (no torch, no transformers,
+# no compilers). What a laptop pulls to run the model folder the GPU pipeline produced.
+#
+#   docker buildx build -f docker/cpu.Dockerfile --target infer -t olivepress/infer .
+#   docker run --rm -v "$PWD/artifacts:/workspace" olivepress/infer --help
+#
+# The venv is built and trimmed in `build` (which has pip, binutils) and only the result is copied into the
+# final stage, as TGI's images do. Behind a TLS-intercepting proxy add `--secret id=extra_ca,src=ca.pem`.
+ARG BASE_IMAGE=debian:bookworm-slim
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG VERSION=0.0.0
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/olivepress/olivepress
+
+# --- base: the OS, Debian's Python 3.11 (what the locks target) and the non-root user ---------------------
+FROM ${BASE_IMAGE} AS base
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.11=3.11.* \
+    && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/lib/dpkg/*-old \
+    && ln -s python3.11 /usr/bin/python3 \
+    && useradd --uid 1000 --create-home --shell /usr/sbin/nologin olivepress \
+    && install -d -o olivepress -g olivepress /workspace
+
+# --- build: the venv, installed from the lock and trimmed to what inference loads --------------------------
+FROM base AS build
+ARG PIP_INDEX_URL
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.11-venv=3.11.* binutils=2.40-* \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN --mount=type=secret,id=extra_ca \
+    --mount=type=tmpfs,target=/run/olivepress-ca \
+    --mount=type=bind,source=docker/pip-install.sh,target=/usr/local/bin/pip-install \
+    --mount=type=bind,source=docker/requirements/infer.txt,target=/requirements/infer.txt \
+    python3 -m venv /opt/venv \
+    && pip-install /opt/venv /requirements/infer.txt
+
+# Trim, in this stage so no layer of the final image ever holds the removed bytes:
+# - pip and setuptools: nothing installs at run time;
+# - debug info: libonnxruntime-genai.so ships 180 MB of DWARF around 11 MB of code (only libraries that have
+#   it are stripped: a blanket strip breaks the patchelf'd wheels' libraries, numpy's openblas among them);
+# - onnxruntime's Python package: onnxruntime_genai only dlopens capi/libonnxruntime.so* from it (found by
+#   importlib.util.find_spec, never imported), so its bindings, tools and quantizers are dead weight;
+# - tests, headers and type stubs.
+WORKDIR /opt/venv/lib/python3.11/site-packages
+RUN /opt/venv/bin/python -m pip uninstall -y -q pip setuptools \
+    && find . -name '*.so*' -type f | while read -r lib; do \
+           if readelf -S "$lib" | grep -q '\.debug_info'; then strip --strip-debug "$lib"; fi; \
+       done \
+    && find onnxruntime -mindepth 1 -maxdepth 1 ! -name capi ! -name __init__.py -exec rm -rf {} + \
+    && find onnxruntime/capi -mindepth 1 ! -name 'libonnxruntime.so*' -exec rm -rf {} + \
+    && rm -rf onnxruntime_genai/models numpy/_core/include numpy/f2py numpy/typing numpy/_pyinstaller \
+    && find . -depth -type d \( -name tests -o -name __pycache__ \) -exec rm -rf {} + \
+    && find . -name '*.pyi' -delete \
+    && /opt/venv/bin/python -m compileall -q -j 0 . \
+    && /opt/venv/bin/python -c "import onnxruntime_genai as og, numpy, click, rich; print('onnxruntime-genai', og.__version__)"
+
+# --- infer: the slim runtime ------------------------------------------------------------------------------
+FROM base AS infer
+
+COPY --from=build /opt/venv /opt/venv
+COPY data/ /opt/olivepress/data/
+COPY stages/ /opt/olivepress/stages/
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/olivepress \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    OLIVEPRESS_HOME=/workspace
+WORKDIR /workspace
+USER olivepress
+ENTRYPOINT ["python", "-m", "stages.infer"]
+# Declared here, after every RUN: a new revision changes only the labels, never a cached layer.
+ARG VERSION
+ARG REVISION
+ARG SOURCE
+LABEL org.opencontainers.image.title="olivepress-infer" \
+      org.opencontainers.image.description="olivepress infer stage: onnxruntime-genai on CPU, LoRA adapter on and off; no torch" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="MIT"
