@@ -45,6 +45,7 @@ RUN --mount=type=secret,id=extra_ca \
 #   importlib.util.find_spec, never imported), so its bindings, tools and quantizers are dead weight;
 # - tests, headers and type stubs.
 WORKDIR /opt/venv/lib/python3.11/site-packages
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN /opt/venv/bin/python -m pip uninstall -y -q pip setuptools \
     && find . -name '*.so*' -type f | while read -r lib; do \
            if readelf -S "$lib" | grep -q '\.debug_info'; then strip --strip-debug "$lib"; fi; \
@@ -57,19 +58,43 @@ RUN /opt/venv/bin/python -m pip uninstall -y -q pip setuptools \
     && /opt/venv/bin/python -m compileall -q -j 0 . \
     && /opt/venv/bin/python -c "import onnxruntime_genai as og, numpy, click, rich; print('onnxruntime-genai', og.__version__)"
 
-# --- infer: the slim runtime ------------------------------------------------------------------------------
-FROM base AS infer
+# --- rootfs: base minus what a Python program never runs ----------------------------------------------------
+# apt and its crypto stack, perl, util-linux, PAM and login tools, and glibc's iconv modules make up ~45 MB of
+# debian:bookworm-slim that inference never touches. Layers only add bytes, so the final image is FROM scratch
+# with this pruned tree as one layer. Packages go through dpkg --purge, so the image's package list stays true
+# for scanners; dpkg itself stays.
+FROM base AS rootfs
 
+# perl goes last: the other packages' removal scripts (debconf) still need it.
+RUN export DEBIAN_FRONTEND=noninteractive \
+    && dpkg --purge --force-remove-essential --force-depends \
+        apt libapt-pkg6.0 gpgv debian-archive-keyring libgnutls30 libgcrypt20 libp11-kit0 libunistring2 \
+        libidn2-0 libtasn1-6 libhogweed6 libnettle8 libgpg-error0 libxxhash0 libsystemd0 libseccomp2 \
+        adduser passwd login libpam-runtime libpam-modules libpam-modules-bin libpam0g libsemanage2 \
+        libsemanage-common libsepol2 libaudit1 libaudit-common libcap-ng0 util-linux libblkid1 libmount1 \
+        libsmartcols1 e2fsprogs libext2fs2 libss2 logsave mount sysvinit-utils bsdutils util-linux-extra \
+    && dpkg --purge --force-remove-essential --force-depends debconf perl-base \
+    && rm -rf /usr/lib/x86_64-linux-gnu/gconv /var/lib/apt /var/cache/apt /var/cache/debconf/* \
+        /var/log/* /usr/share/common-licenses /usr/share/zoneinfo/right /usr/share/zoneinfo/posix \
+    && python3 -c "import ssl, sqlite3, hashlib, json, zoneinfo, ctypes; print('python ok')"
+
+# --- infer: the slim runtime ------------------------------------------------------------------------------
+FROM scratch AS infer
+
+# The whole pruned tree is the point (see rootfs above).
+# hadolint ignore=DL3067
+COPY --from=rootfs / /
 COPY --from=build /opt/venv /opt/venv
 COPY data/ /opt/olivepress/data/
 COPY stages/ /opt/olivepress/stages/
-ENV PATH=/opt/venv/bin:$PATH \
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    LANG=C.UTF-8 \
     PYTHONPATH=/opt/olivepress \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     OLIVEPRESS_HOME=/workspace
 WORKDIR /workspace
-USER olivepress
+USER 1000:1000
 ENTRYPOINT ["python", "-m", "stages.infer"]
 # Declared here, after every RUN: a new revision changes only the labels, never a cached layer.
 ARG VERSION

@@ -57,7 +57,7 @@ RUN --mount=type=secret,id=extra_ca \
 
 COPY data/ /opt/olivepress/data/
 COPY stages/ /opt/olivepress/stages/
-USER olivepress
+USER 1000:1000
 ENTRYPOINT ["python", "-m", "stages.quantize"]
 # Declared here, after every RUN: a new revision changes only the labels, never a cached layer.
 ARG VERSION
@@ -83,7 +83,7 @@ RUN --mount=type=secret,id=extra_ca \
 
 COPY data/ /opt/olivepress/data/
 COPY stages/ /opt/olivepress/stages/
-USER olivepress
+USER 1000:1000
 ENTRYPOINT ["python", "-m", "stages.finetune"]
 # Declared here, after every RUN: a new revision changes only the labels, never a cached layer.
 ARG VERSION
@@ -109,7 +109,7 @@ RUN --mount=type=secret,id=extra_ca \
 
 COPY data/ /opt/olivepress/data/
 COPY stages/ /opt/olivepress/stages/
-USER olivepress
+USER 1000:1000
 ENTRYPOINT ["python", "-m", "stages.optimize"]
 # Declared here, after every RUN: a new revision changes only the labels, never a cached layer.
 ARG VERSION
