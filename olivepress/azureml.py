@@ -418,7 +418,13 @@ def _setup_logging(verbose: bool) -> None:
     f"{EXIT_NO_CREDENTIALS} no usable Azure credentials.",
 )
 @click.option("--name", default=DEFAULT_NAME, envvar="OLIVEPRESS_PUSH_NAME", show_envvar=True, help="Model name.")
-@click.option("--version", "version", envvar="OLIVEPRESS_PUSH_VERSION", help="Version [default: the next free one].")
+@click.option(
+    "--version",
+    "version",
+    envvar="OLIVEPRESS_PUSH_VERSION",
+    show_envvar=True,
+    help="Version [default: the next free one].",
+)
 @click.option("--dry-run", is_flag=True, help="Print what would be registered; needs no credentials.")
 @click.option("--retries", default=3, type=click.IntRange(1, 10), help="Tries for a step that fails transiently.")
 @workspace_options

@@ -300,3 +300,32 @@ def test_pull_refuses_tampered_blobs_and_leaves_the_volume_alone(rig: Rig, tmp_p
     assert volume.tree_hashes(other) == before
     assert not list((tmp_path / "b").glob(".optimize*"))
     assert CONTAINER  # the container the stand-in's datastore names
+
+
+def test_the_pipeline_output_pushes_pulls_and_runs(rig: Rig, tiny_run: Path, tmp_path: Path) -> None:
+    """The real `olivepress run` volume (conftest's tiny_run, shared with test_run.py): push, pull, infer."""
+    env = rig.env()
+    pushed = rig.run("push", "--home", str(tiny_run), "--name", "m-real", env=env)
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    tags = rig.standin.state.models["m-real"]["1"]["properties"]["tags"]
+    assert tags["quantize.algorithm"] == "gptq" and tags["optimize.precision"] == "int4"
+    assert tags["adapters"] == "travel" and tags["finetune.data_sha256"]
+    assert not list((tiny_run / "cache" / "tmp").glob("push-*")), "push left its staging folder behind"
+
+    laptop = tmp_path / "laptop"
+    pulled = rig.run("pull", "m-real", "--home", str(laptop), env=env)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    source = volume.read_manifest(tiny_run / "optimize")
+    assert volume.read_manifest(laptop / "optimize") == source
+    for rel, digest in source["outputs"].items():
+        assert volume.sha256_file(laptop / "optimize" / rel) == digest
+
+    answer = subprocess.run(
+        [sys.executable, "-m", "olivepress.cli", "infer", "--home", str(laptop), "--adapter", "travel"]
+        + ["--max-new-tokens", "4", "--prompt", "Where should I eat in Rome?"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    assert volume.read_manifest(laptop / "infer")["inputs"]["model"]["sha256"] == volume.digest_of(source["outputs"])
