@@ -43,6 +43,7 @@ class Rig:
     def env(self, credentials: bool = True, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in SCRUBBED and not k.startswith(SCRUBBED_PREFIXES)}
         env["HOME"] = str(self.home_base / "user-home")  # no ~/.azure token cache from the machine
+        env["PYTHONPATH"] = str(REPO)  # this checkout's olivepress, whatever the venv has installed
         env.update(WORKSPACE)
         if credentials:
             env.update(self.standin.env(self.ca))
@@ -60,7 +61,7 @@ class Rig:
             capture_output=True,
             text=True,
             env=env,
-            cwd=self.home_base,
+            cwd=REPO,
             timeout=120,
         )
 
@@ -178,6 +179,13 @@ def test_dry_run_prints_the_registration_without_credentials(rig: Rig, tmp_path:
     assert tags["metric.finetune.heldout_loss"] == "1.25"
     assert "gptq" in plan["description"]
     assert len(rig.standin.state.requests) == before  # no service contacted
+
+    # The workspace from a config.json, as the portal's "Download config.json" gives it.
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"subscription_id": "s", "resource_group": "g", "workspace_name": "w"}))
+    no_env = {k: v for k, v in rig.env(credentials=False).items() if k not in WORKSPACE}
+    result = rig.run("push", "--home", str(tmp_path), "--dry-run", "--config", str(config), env=no_env)
+    assert json.loads(result.stdout)["target"] == "azureml://subscriptions/s/resourcegroups/g/workspaces/w"
 
 
 def test_push_uploads_the_files_and_registers_the_tags(rig: Rig, tmp_path: Path) -> None:
