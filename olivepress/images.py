@@ -335,15 +335,17 @@ def report(results: Sequence[StageResult], console: Any, wall: float, compose_co
             table.add_row(r.stage, "[green]ok[/]", f"{r.seconds:.1f}" if r.seconds is not None else "")
         else:
             failed = r
-            table.add_row(r.stage, f"[red]failed: {r.state} exit {r.exit_code}[/]", f"{r.seconds or 0:.1f}")
+            what = f"exit {r.exit_code}" if r.state == "exited" else r.state
+            table.add_row(r.stage, f"[red]failed ({what})[/]", f"{r.seconds or 0:.1f}")
     console.print(table)
     if failed is not None:
         later = [r.stage for r in results[results.index(failed) + 1 :]]
         console.print(
             f"[red]Stage {failed.stage} failed (exit {failed.exit_code})"
             + (f"; {', '.join(later)} did not run" if later else "")
-            + f".[/] Its log: {logs_hint} logs {failed.stage}"
+            + ".[/]",
         )
+        console.print(f"Its log: {logs_hint} logs {failed.stage}", soft_wrap=True)
         return failed.exit_code or 1
     if any(r.state != "exited" for r in results) or compose_code != 0:
         console.print(f"[red]docker compose exited {compose_code} before every stage finished.[/]")

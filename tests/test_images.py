@@ -1,0 +1,322 @@
+"""The containers, for real: a Docker engine, buildx builds of all four images, compose runs on CPU.
+
+Tests that need an engine start one (scripts/install-docker.sh, as root) when none answers, and skip with the
+reason only when none can be started; with OLIVEPRESS_REQUIRE_DOCKER=1 (CI) they fail instead of skipping.
+The images are built once per session with `python -m olivepress.images build` (BuildKit cache: seconds when
+CI already built them). BASE_IMAGE picks the base (default: debian:bookworm-slim if present, else the
+debootstrap stand-in from scripts/make-base-image.sh); OLIVEPRESS_EXTRA_CA an extra CA (default: the host's
+bundle, which is harmless where no proxy intercepts TLS and needed where one does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from olivepress import images
+
+REPO = Path(__file__).resolve().parent.parent
+HOST_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+TAG = os.environ.get("OLIVEPRESS_TAG", "latest")
+REFS = {name: images.image_ref(name, "olivepress", TAG) for name in images.IMAGES}
+
+
+def launcher(*args: str, env: dict | None = None, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """The container verbs as a user runs them, in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "olivepress.images", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, **(env or {})),
+        timeout=timeout,
+    )
+
+
+# --- no engine needed -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args", [("build", "infer"), ("up", "--cpu"), ("infer-image", "olivepress/infer:latest", "--home", "x")]
+)
+def test_a_missing_engine_is_a_clear_message_not_a_traceback(args, tmp_path):
+    result = launcher(*args, env={"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"})
+    assert result.returncode == 3, result.stderr
+    assert "No Docker engine answers" in result.stderr
+    assert "scripts/install-docker.sh" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_every_lock_pins_every_package_with_hashes():
+    for lock in sorted((REPO / "docker" / "requirements").glob("*.txt")):
+        if lock.name == "constraints.txt":
+            continue
+        # One requirement per logical line: join the backslash continuations, drop comments.
+        lines = [line.split("#")[0].strip() for line in lock.read_text().replace("\\\n", " ").splitlines()]
+        requirements = [line for line in lines if line]
+        assert requirements, lock
+        for line in requirements:
+            assert re.match(r"^[A-Za-z0-9_.\-]+(\[[^\]]*\])?==\S+ ", line), f"{lock.name}: not pinned: {line[:80]}"
+            assert "--hash=sha256:" in line, f"{lock.name}: no hash: {line[:80]}"
+
+
+def test_the_cuda_locks_agree_on_every_shared_package():
+    def pins(name: str) -> dict[str, str]:
+        text = (REPO / "docker" / "requirements" / f"{name}.txt").read_text()
+        return dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", text, re.M))
+
+    shared = pins("torch")
+    for image in ("quantize", "finetune", "optimize"):
+        lock = pins(image)
+        assert {k: lock.get(k) for k in shared} == shared, f"{image}.txt moves a package of the shared torch layer"
+    assert "torch" not in pins("infer") and "transformers" not in pins("infer")
+
+
+# --- engine fixtures --------------------------------------------------------------------------------------
+
+
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("OLIVEPRESS_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"OLIVEPRESS_REQUIRE_DOCKER=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def client():
+    try:
+        return images.engine()
+    except images.EngineError as first:
+        detail = str(first.message).splitlines()[0]
+    script = REPO / "scripts" / "install-docker.sh"
+    if os.geteuid() != 0 or not Path("/etc/debian_version").exists():
+        _skip_or_fail(f"no Docker engine answers and none can be started here (not root on Debian): {detail}")
+    started = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600)
+    try:
+        return images.engine()
+    except images.EngineError as second:
+        _skip_or_fail(
+            f"no Docker engine could be started: scripts/install-docker.sh exited {started.returncode}: "
+            f"{started.stderr.strip()[-500:]} / {second.message.splitlines()[0]}"
+        )
+
+
+@pytest.fixture(scope="session")
+def base_image(client) -> str:
+    if os.environ.get("BASE_IMAGE"):
+        return os.environ["BASE_IMAGE"]
+    import docker
+
+    try:
+        client.images.get(images.DEFAULT_BASE_IMAGE)
+        return images.DEFAULT_BASE_IMAGE
+    except docker.errors.ImageNotFound:
+        pass
+    made = subprocess.run(["bash", str(REPO / "scripts" / "make-base-image.sh")], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    return "local/debian:bookworm-slim"
+
+
+@pytest.fixture(scope="session")
+def extra_ca() -> Path | None:
+    given = os.environ.get("OLIVEPRESS_EXTRA_CA")
+    if given:
+        return Path(given)
+    return HOST_BUNDLE if HOST_BUNDLE.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def built(client, base_image, extra_ca) -> dict[str, str]:
+    """All four images, built from this checkout (cached layers make a rebuild take seconds)."""
+    args = ["build", "--base-image", base_image, "--tag", TAG, "--progress", "plain"]
+    if extra_ca is not None:
+        args += ["--extra-ca", str(extra_ca)]
+    started = time.monotonic()
+    result = launcher(*args)
+    assert result.returncode == 0, result.stderr[-5000:]
+    print(f"\n[images] build of all four: {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return REFS
+
+
+def _compose_down(project: str, *files: str) -> None:
+    cmd = ["docker", "compose", "-p", project]
+    for f in files:
+        cmd += ["-f", f]
+    subprocess.run([*cmd, "down", "--volumes", "--remove-orphans"], cwd=REPO, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def cpu_run(built, client, tmp_path_factory):
+    """`olivepress up --cpu` from an empty volume; yields the launcher's result and a host copy of the volume."""
+    project = "olivepress-test"
+    started = time.monotonic()
+    result = launcher("up", "--cpu", "--fresh", "-p", project)
+    wall = time.monotonic() - started
+    print(f"\n[images] compose CPU pipeline: {wall:.1f} s", file=sys.stderr)
+    copy = tmp_path_factory.mktemp("volume")
+    if result.returncode == 0:
+        # The infer image has cp and chown (coreutils): copy the named volume out, owned by us.
+        client.containers.run(
+            REFS["infer"],
+            entrypoint=["sh", "-c", f"cp -a /src/. /dst/ && chown -R {os.getuid()}:{os.getgid()} /dst"],
+            user="0",
+            volumes={f"{project}_olivepress": {"bind": "/src", "mode": "ro"}, str(copy): {"bind": "/dst"}},
+            remove=True,
+        )
+    yield result, copy
+    _compose_down(project, "compose.yaml", "compose.cpu.yaml")
+
+
+# --- the images -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(images.IMAGES))
+def test_docker_run_image_help_teaches_the_stage(built, client, name):
+    out = client.containers.run(built[name], command=["--help"], remove=True).decode()
+    assert f"Usage: python -m stages.{name}" in out
+    assert "--home" in out
+
+
+@pytest.mark.parametrize("name", list(images.IMAGES))
+def test_images_run_as_non_root_with_oci_labels(built, client, name):
+    attrs = client.images.get(built[name]).attrs["Config"]
+    assert attrs["User"] and attrs["User"].split(":")[0] not in ("0", "root")
+    labels = attrs["Labels"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert labels["org.opencontainers.image.revision"].startswith(head)
+    assert labels["org.opencontainers.image.source"]
+    assert labels["org.opencontainers.image.version"] not in ("", "0.0.0")
+    assert attrs["Entrypoint"] == ["python", "-m", f"stages.{name}"]
+
+
+def test_inference_image_has_onnxruntime_genai_and_no_torch_transformers_or_compiler(built, client):
+    probe = (
+        "import importlib.util as u, shutil, onnxruntime_genai as og; "
+        "print(og.__version__, [m for m in ('torch', 'transformers') if u.find_spec(m)], "
+        "[c for c in ('cc', 'gcc', 'g++', 'clang', 'ld', 'pip') if shutil.which(c)])"
+    )
+    out = client.containers.run(built["infer"], entrypoint=["python", "-c", probe], remove=True).decode().strip()
+    assert out.endswith("[] []"), out
+
+
+def test_cuda_images_share_the_torch_layer(built, client):
+    layers = {n: client.images.get(built[n]).attrs["RootFS"]["Layers"] for n in ("quantize", "finetune", "optimize")}
+    shared = os.path.commonprefix(list(layers.values()))
+    sizes = {n: client.images.get(built[n]).attrs["Size"] for n in layers}
+    assert len(shared) >= 3, "the three CUDA images share no layers"
+    # Sharing the torch stack means what differs between them is small next to the whole image.
+    assert max(sizes.values()) - min(sizes.values()) < 0.2 * min(sizes.values()), sizes
+
+
+def _pem_blocks(text: str) -> set[str]:
+    return set(re.findall(r"-----BEGIN CERTIFICATE-----\s+(.+?)\s+-----END CERTIFICATE-----", text, re.S))
+
+
+def test_no_image_holds_the_extra_ca(built, extra_ca, client):
+    """The build's extra CA (the certificates in it that no public bundle has) is in no layer of any image."""
+    if extra_ca is None:
+        pytest.skip("no extra CA was given to the build (OLIVEPRESS_EXTRA_CA unset, no host bundle)")
+    import certifi
+
+    # Public roots (certifi's and Debian's Mozilla set) may be in images by design; the rest is the proxy's own.
+    public = _pem_blocks(Path(certifi.where()).read_text())
+    for crt in Path("/usr/share/ca-certificates").glob("**/*.crt"):
+        public |= _pem_blocks(crt.read_text())
+    private = _pem_blocks(extra_ca.read_text()) - public
+    if not private:
+        pytest.skip(f"{extra_ca} holds only public CAs: nothing private that could leak")
+    # A distinctive line of each private certificate; PEM wraps base64 at 64 characters.
+    markers = [block.split()[1].encode() for block in private if len(block.split()) > 2]
+    save = subprocess.Popen(["docker", "save", *built.values()], stdout=subprocess.PIPE)
+    hits, scanned = [], 0
+    with tarfile.open(fileobj=save.stdout, mode="r|") as outer:
+        for member in outer:
+            if not (member.isfile() and member.name.endswith(".tar")):
+                continue
+            layer = outer.extractfile(member)
+            with tarfile.open(fileobj=layer, mode="r|") as inner:
+                for item in inner:
+                    if not item.isfile():
+                        continue
+                    scanned += 1
+                    data = inner.extractfile(item).read()
+                    if any(m in data for m in markers):
+                        hits.append(f"{member.name}:{item.name}")
+    assert save.wait() == 0
+    assert scanned > 1000
+    assert not hits, f"the extra CA is inside an image: {hits}"
+
+
+# --- compose ----------------------------------------------------------------------------------------------
+
+
+def test_compose_cpu_pipeline_runs_every_stage(cpu_run):
+    result, volume = cpu_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for stage in ("quantize", "finetune", "optimize", "infer"):
+        assert re.search(rf"{stage}\s+│\s+ok", result.stderr), result.stderr[-3000:]
+        assert (volume / stage / "manifest.json").is_file(), stage
+    assert (volume / "optimize" / "model" / "genai_config.json").is_file()
+    assert list((volume / "optimize" / "adapters").glob("*.onnx_adapter"))
+
+
+def _check_answers(home: Path, since: float) -> list[dict]:
+    answers_file = home / "infer" / "answers.json"
+    assert answers_file.stat().st_mtime >= since - 1, "answers.json was not written by this run"
+    answers = json.loads(answers_file.read_text())
+    assert {a["adapter"] for a in answers} >= {"none"} and len({a["adapter"] for a in answers}) == 2
+    assert all(a["text"].strip() for a in answers), answers
+    return answers
+
+
+def test_inference_image_runs_alone_on_the_produced_folder(cpu_run, built, tmp_path):
+    result, volume = cpu_run
+    assert result.returncode == 0, "the compose run failed; see test_compose_cpu_pipeline_runs_every_stage"
+    chunks: list[str] = []
+    started = time.time()
+    code = images.infer_image(
+        built["infer"],
+        volume,
+        ["--force", "--prompt", "What should I pack for Lisbon?", "--max-new-tokens", "12"],
+        echo=chunks.append,
+    )
+    assert code == 0, "".join(chunks)[-3000:]
+    answers = _check_answers(volume, started)
+    assert {a["prompt"] for a in answers} == {"What should I pack for Lisbon?"}
+
+
+def test_laptop_compose_runs_only_the_inference_image(cpu_run, built):
+    result, volume = cpu_run
+    assert result.returncode == 0, "the compose run failed; see test_compose_cpu_pipeline_runs_every_stage"
+    project = "olivepress-test-laptop"
+    env = dict(
+        os.environ, OLIVEPRESS_MODEL_DIR=str(volume), OLIVEPRESS_UID=str(os.getuid()), OLIVEPRESS_GID=str(os.getgid())
+    )
+    started = time.time()
+    cmd = ["docker", "compose", "-p", project, "-f", "compose.laptop.yaml"]
+    run = subprocess.run(
+        [*cmd, "run", "--rm", "--no-deps", "infer", "--force"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    _compose_down(project, "compose.laptop.yaml")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    _check_answers(volume, started)
+
+
+def test_a_failing_stage_stops_the_stages_after_it(built):
+    project = "olivepress-test-fail"
+    try:
+        result = launcher("up", "--cpu", "--fresh", "-p", project, env={"OLIVEPRESS_QUANTIZE_ALGORITHM": "bogus"})
+    finally:
+        _compose_down(project, "compose.yaml", "compose.cpu.yaml")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Stage quantize failed (exit 2); finetune, optimize, infer did not run" in result.stderr
+    assert "Traceback" not in result.stderr
+    for stage in ("finetune", "optimize", "infer"):
+        assert re.search(rf"{stage}\s+│\s+not run \(quantize failed\)", result.stderr), result.stderr[-3000:]
