@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from olivepress import run, status
+from olivepress import azureml, run, status
 from stages import finetune, infer, optimize, quantize, tiny_model
 
 
@@ -33,5 +33,11 @@ for verb, command in {
     "finetune": finetune.command,
     "optimize": optimize.command,
     "infer": infer.command,
+    "push": azureml.push,
+    "pull": azureml.pull,
 }.items():
     main.add_command(command, verb)
+
+
+if __name__ == "__main__":
+    main()

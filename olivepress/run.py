@@ -51,9 +51,10 @@ def run_stage_process(stage: str, root: Path, force: bool, env: dict[str, str]) 
 
 
 def _error_lines(console_log: Path, count: int = 8) -> str:
+    """The stage's own error message (click prints it last, from "Error:" on), else the end of its output."""
     lines = [line for line in console_log.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith(("Error:", "error:"))]
-    return "\n".join(errors or lines[-count:])
+    starts = [i for i, line in enumerate(lines) if line.startswith("Error:")]
+    return "\n".join(lines[starts[-1] :] if starts else lines[-count:])
 
 
 @click.command("run")
@@ -125,8 +126,9 @@ def command(
                 states[stage] = ("failed", f"exit {code} after {time.perf_counter() - clock:.1f} s")
                 live.update(_table(states))
                 live.stop()
+                console.print()
                 console.print(f"[red]{stage} failed[/red] (exit {code}); later stages were not run.")
-                console.print(_error_lines(console_log), markup=False, highlight=False)
+                console.print(_error_lines(console_log), markup=False, highlight=False, soft_wrap=True)
                 console.print(f"Full output: {console_log}")
                 raise SystemExit(2 if code == 2 else 1)
             after = volume.read_manifest(volume.stage_dir(root, stage))

@@ -104,6 +104,8 @@ def command(
     }
 
     def work(out: Path) -> dict:
+        import torch
+
         with common.scratch(root, "finetune-") as tmp:
             train_file = write_rows([dataset.rows[i] for i in train_idx], tmp / "train.jsonl")
             lora = {
@@ -138,8 +140,17 @@ def command(
                 "dataloader_config": {"batch_size": batch_size},
             }
             model = {"model_path": str(base), "load_kwargs": {"attn_implementation": "eager"}}
+            torch.manual_seed(seed)  # PEFT draws the LoRA A matrices before the trainer seeds anything
             output = common.run_olive(tmp, model, {"lora": lora}, [train_data])
             shutil.move(str(output / "adapter"), out / "adapter")
+        # Paths on this machine would make identical runs differ: name the base by its place on the volume.
+        config_file = out / "adapter" / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = "quantize/dequantized"
+        if isinstance(config.get("target_modules"), list):  # PEFT writes a set in hash order
+            config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (out / "adapter" / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
         return {"split": split_record}
 
     inputs = {"base": base, "data_files": data_files}

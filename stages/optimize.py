@@ -28,7 +28,15 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 )
 @click.option("--adapter-name", default="travel", help="Name the adapter is loaded under at inference.")
 @click.option(
-    "--int4-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", help="int4 block size."
+    "--int4-block-size",
+    type=click.Choice(["auto", "16", "32", "64", "128", "256"]),
+    default="auto",
+    help="int4 block size; auto takes the quantize stage's group size, so the int4 grid matches the quantized one.",
+)
+@click.option(
+    "--quantize-lm-head/--keep-lm-head",
+    default=False,
+    help="int4 for the output projection too (smaller, faster) or keep it float as the quantizers do.",
 )
 @click.option(
     "--int4-accuracy-level",
@@ -37,7 +45,13 @@ ADAPTER_SUFFIX = ".onnx_adapter"
     help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU), 0 = as the input.",
 )
 def command(
-    root: Path, force: bool, precision: str, adapter_name: str, int4_block_size: str, int4_accuracy_level: int
+    root: Path,
+    force: bool,
+    precision: str,
+    adapter_name: str,
+    int4_block_size: str,
+    quantize_lm_head: bool,
+    int4_accuracy_level: int,
 ) -> None:
     """Build the int4 ONNX model and the separate LoRA adapter file with Olive.
 
@@ -47,12 +61,16 @@ def command(
     """
     if not adapter_name.isidentifier():
         raise volume.StageError(f"--adapter-name {adapter_name!r} must be letters, digits and underscores")
-    base = volume.require_stage(root, "quantize", "run `olivepress quantize` first") / "dequantized"
+    quantized = volume.require_stage(root, "quantize", "run `olivepress quantize` first")
+    base = quantized / "dequantized"
+    if int4_block_size == "auto":
+        int4_block_size = str(volume.read_manifest(quantized)["parameters"]["group_size"])
     adapter = volume.require_stage(root, "finetune", "run `olivepress finetune` first") / "adapter"
     parameters = {
         "precision": precision,
         "adapter_name": adapter_name,
         "int4_block_size": int(int4_block_size),
+        "quantize_lm_head": quantize_lm_head,
         "int4_accuracy_level": int4_accuracy_level,
     }
 
@@ -61,6 +79,10 @@ def command(
         if precision == "int4":
             builder["int4_block_size"] = int(int4_block_size)
             builder["int4_accuracy_level"] = int4_accuracy_level
+            # Asymmetric blocks of the quantizer's group size: the closest grid to the one the weights are on.
+            builder["int4_is_symmetric"] = False
+            if not quantize_lm_head:
+                builder["int4_nodes_to_exclude"] = ["/lm_head/MatMul"]
         passes = {"builder": builder, "extract_adapters": {"type": "ExtractAdapters"}}
         model = {"model_path": str(base), "adapter_path": str(adapter), "load_kwargs": {"attn_implementation": "eager"}}
         with common.scratch(root, "optimize-") as tmp:

@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
@@ -188,7 +189,7 @@ def run_stage(
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     except BaseException:
         # The traceback goes to the log file only; the log is kept beside the volume, the partial output is not.
-        logging.getLogger("olivepress.trace").info("%s failed", stage, exc_info=True)
+        handler.stream.write(f"{stage} failed:\n{traceback.format_exc()}")
         handler.flush()
         failed_log = root / f"{stage}.failed.log"
         shutil.move(partial / LOG, failed_log)

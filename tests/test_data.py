@@ -1,0 +1,69 @@
+"""stages.data: every bad row named with its line number, CRLF accepted, a deterministic split."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages import data
+from stages.volume import StageError
+
+
+def write(tmp_path, text: str | bytes):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def test_the_lab_dataset_loads_with_crlf_and_no_final_newline():
+    raw = data.DEFAULT_DATA.read_bytes()
+    assert b"\r\n" in raw and not raw.endswith(b"\n")
+    dataset = data.load_dataset(data.DEFAULT_DATA)
+    assert len(dataset.rows) == 289
+    assert dataset.texts()[0].startswith("<|user|>\n") and dataset.texts()[0].endswith("<|end|>")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n', "line 2: not valid JSON"),
+        ('{"prompt": "a", "response": "b"}\r\n{"prompt": "a"}\r\n', "line 2: missing field(s) response"),
+        ('{"prompt": " ", "response": "b"}\n', "line 1: empty field(s) prompt"),
+        ('["prompt", "response"]\n', "line 1: expected a JSON object, got list"),
+        ("\n\n", "has no rows"),
+    ],
+)
+def test_bad_rows_are_named_by_line(tmp_path, content, expected):
+    with pytest.raises(StageError, match="") as err:
+        data.load_dataset(write(tmp_path, content))
+    assert expected in err.value.message
+
+
+def test_every_bad_line_is_listed_at_once(tmp_path):
+    rows = ['{"prompt": "p", "response": "r"}'] * 3 + ["oops", '{"prompt": "p"}']
+    with pytest.raises(StageError) as err:
+        data.load_dataset(write(tmp_path, "\n".join(rows)))
+    assert "2 bad row(s)" in err.value.message
+    assert "line 4" in err.value.message and "line 5" in err.value.message
+
+
+def test_missing_file_and_bad_template(tmp_path):
+    with pytest.raises(StageError, match="does not exist"):
+        data.load_dataset(tmp_path / "nope.jsonl")
+    with pytest.raises(StageError, match="malformed"):
+        data.load_dataset(data.DEFAULT_DATA, "{prompt")
+    with pytest.raises(StageError, match="missing field"):
+        data.load_dataset(data.DEFAULT_DATA, "{question} {answer}")
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    dataset = data.load_dataset(data.DEFAULT_DATA)
+    train, heldout = data.split(dataset, 0.1, seed=0)
+    assert (train, heldout) == data.split(dataset, 0.1, seed=0)
+    assert data.split(dataset, 0.1, seed=1) != (train, heldout)
+    assert sorted(train + heldout) == list(range(289)) and len(heldout) == 29
+    with pytest.raises(StageError):
+        data.split(dataset, 1.0, seed=0)
+
+
+def test_unescape_turns_a_typed_backslash_n_into_a_newline():
+    assert data.unescape("<|user|>\\n{prompt}") == "<|user|>\n{prompt}"

@@ -1,0 +1,86 @@
+"""stages.optimize: the ONNX model computes what PyTorch + PEFT compute, and the adapter is switchable."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from stages import optimize, volume
+
+PROMPT = "<|user|>\nWhere should I go in Italy?<|end|>\n<|assistant|>\n"
+
+
+def onnx_last_logits(folder, adapter):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder / "model"))
+    ids = list(og.Tokenizer(model).encode(PROMPT))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1)
+    generator = og.Generator(model, params)
+    if adapter:
+        adapters = og.Adapters(model)
+        adapters.load(str(folder / "adapters" / f"{adapter}.onnx_adapter"), adapter)
+        generator.set_active_adapter(adapters, adapter)
+    generator.append_tokens(ids)
+    return np.array(generator.get_logits())[0, -1], ids
+
+
+def torch_last_logits(home, ids):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(home / "quantize" / "dequantized", dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = base(torch.tensor([ids])).logits[0, -1].numpy()
+        tuned = PeftModel.from_pretrained(base, home / "finetune" / "adapter").eval()(torch.tensor([ids]))
+    return plain, tuned.logits[0, -1].numpy()
+
+
+def relative(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def fp32_home(tiny_run, tmp_path_factory):
+    home = tmp_path_factory.mktemp("fp32")
+    for stage in ("quantize", "finetune"):
+        shutil.copytree(tiny_run / stage, home / stage)
+    result = CliRunner().invoke(optimize.command, ["--home", str(home), "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    return home
+
+
+def test_fp32_export_matches_pytorch_with_and_without_the_adapter(fp32_home):
+    off, ids = onnx_last_logits(fp32_home / "optimize", None)
+    on, _ = onnx_last_logits(fp32_home / "optimize", "travel")
+    torch_off, torch_on = torch_last_logits(fp32_home, ids)
+    assert relative(off, torch_off) < 1e-4
+    assert relative(on, torch_on) < 1e-4
+    assert relative(torch_on, torch_off) > 1e-3, "the adapter does not change the logits"
+
+
+def test_int4_model_stays_close_and_the_adapter_moves_its_logits(tiny_run):
+    off, ids = onnx_last_logits(tiny_run / "optimize", None)
+    on, _ = onnx_last_logits(tiny_run / "optimize", "travel")
+    torch_off, torch_on = torch_last_logits(tiny_run, ids)
+    # int4 blocks re-quantize the already-quantized weights; on random weights that costs a few percent.
+    assert relative(off, torch_off) < 0.15
+    assert relative(on, torch_on) < 0.15
+    assert relative(on, off) > 1e-3
+
+
+def test_manifest_records_the_grid_and_the_adapter_name(tiny_run):
+    manifest = volume.read_manifest(tiny_run / "optimize")
+    assert manifest["parameters"]["int4_block_size"] == 128  # the quantize stage's group size
+    assert manifest["adapters"] == ["travel"]
+
+
+def test_optimize_before_finetune_says_what_to_run(tmp_path, tiny_run):
+    shutil.copytree(tiny_run / "quantize", tmp_path / "quantize")
+    result = CliRunner().invoke(optimize.command, ["--home", str(tmp_path)])
+    assert result.exit_code == 2 and "run `olivepress finetune` first" in result.output
