@@ -40,7 +40,8 @@ RUN --mount=type=secret,id=extra_ca \
 # Trim, in this stage so no layer of the final image ever holds the removed bytes:
 # - pip and setuptools: nothing installs at run time;
 # - debug info: libonnxruntime-genai.so ships 180 MB of DWARF around 11 MB of code (only libraries that have
-#   it are stripped: a blanket strip breaks the patchelf'd wheels' libraries, numpy's openblas among them);
+#   it are stripped: a blanket strip breaks the patchelf'd wheels' libraries, numpy's openblas among them;
+#   grep reads all of readelf's output, as grep -q under pipefail would race readelf to SIGPIPE);
 # - onnxruntime's Python package: onnxruntime_genai only dlopens capi/libonnxruntime.so* from it (found by
 #   importlib.util.find_spec, never imported), so its bindings, tools and quantizers are dead weight;
 # - tests, headers and type stubs.
@@ -48,7 +49,7 @@ WORKDIR /opt/venv/lib/python3.11/site-packages
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN /opt/venv/bin/python -m pip uninstall -y -q pip setuptools \
     && find . -name '*.so*' -type f | while read -r lib; do \
-           if readelf -S "$lib" | grep -q '\.debug_info'; then strip --strip-debug "$lib"; fi; \
+           if readelf -S "$lib" | grep '\.debug_info' >/dev/null; then strip --strip-debug "$lib"; fi; \
        done \
     && find onnxruntime -mindepth 1 -maxdepth 1 ! -name capi ! -name __init__.py -exec rm -rf {} + \
     && find onnxruntime/capi -mindepth 1 ! -name 'libonnxruntime.so*' -exec rm -rf {} + \
