@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--tag", default="bench", help="tag of the benchmark's images (default: bench)")
     parser.add_argument("--warm-only", action="store_true", help="keep the build cache: no cold builds")
     parser.add_argument("--out", type=Path, default=RESULTS / "images.md")
+    parser.add_argument("--keep", action="store_true", help="keep the benchmark's images (default: remove them)")
     args = parser.parse_args()
 
     client = images.engine()
@@ -151,6 +152,9 @@ def main() -> None:
         )
         + "\n"
     )
+    if not args.keep:  # a second copy of ~6 GB of CUDA layers would otherwise stay on disk
+        for ref in refs.values():
+            subprocess.run(["docker", "image", "rm", ref], capture_output=True)
     print(f"wrote {args.out.relative_to(REPO)} and {args.out.with_suffix('.json').relative_to(REPO)}")
 
 

@@ -320,3 +320,21 @@ def test_a_failing_stage_stops_the_stages_after_it(built):
     assert "Traceback" not in result.stderr
     for stage in ("finetune", "optimize", "infer"):
         assert re.search(rf"{stage}\s+│\s+not run \(quantize failed\)", result.stderr), result.stderr[-3000:]
+
+
+def test_infer_with_image_option_runs_the_stage_in_the_image(cpu_run, built):
+    """What `olivepress infer --image` does: the stage's own options, run in the slim image on the host folder."""
+    from click.testing import CliRunner
+
+    from stages import infer
+
+    result, volume = cpu_run
+    assert result.returncode == 0, "the compose run failed; see test_compose_cpu_pipeline_runs_every_stage"
+    command = images.with_image_option(infer.command)
+    assert "--image" in CliRunner().invoke(command, ["--help"]).output
+    started = time.time()
+    args = ["--image", built["infer"], "--home", str(volume), "--force", "--prompt", "Hi", "--max-new-tokens", "6"]
+    run = CliRunner().invoke(command, args)
+    assert run.exit_code == 0, run.output[-3000:]
+    assert "infer: done" in run.output and "/workspace/infer" in run.output  # it ran in the container
+    assert {a["prompt"] for a in _check_answers(volume, started)} == {"Hi"}
