@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_TORCH)
 	$(PY) -m pip install -q -e '.[stages,azure,dev]'
+	# AutoAWQ (a pure-Python sdist) for the AWQ reader's test; its GPU-only requirements are not needed for that.
+	$(PY) -m pip install -q --no-deps --no-build-isolation autoawq==0.2.9
 	touch $@
 
 run: setup

@@ -81,7 +81,8 @@ def quantize(
                 "type": "HuggingfaceContainer",
                 # AutoAWQ calls datasets.load_dataset(data_name, split=...) itself: a local folder works for both.
                 "load_dataset_config": {"data_name": str(calibration), "split": "train"},
-                "pre_process_data_config": {"input_cols": ["text"], "max_seq_len": max_seq_len},
+                # One column name, not a list: AutoAWQ indexes each row with it.
+                "pre_process_data_config": {"input_cols": "text", "max_seq_len": max_seq_len},
                 "dataloader_config": {"batch_size": 1},
             }
         )
