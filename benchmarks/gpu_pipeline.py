@@ -20,14 +20,12 @@ import subprocess
 import sys
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = {"tiny": None, "phi-3.5-mini": REPO / "configs" / "phi-3.5-mini.json"}
 # The lab's own figures (Phi-3.5-mini on an A10/A100, from its README), for the table.
 LAB = {"quantize": "~8 min, 7.5 GB → 2.5 GB", "finetune": "~6 min", "optimize": "~5 min"}
-PACKAGES = ("torch", "transformers", "peft", "olive-ai", "autoawq", "onnxruntime", "onnxruntime-genai")
 
 
 class GpuPeak:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from olivepress import azureml, run, status
+from olivepress import azureml, images, run, status
 from stages import finetune, infer, optimize, quantize, tiny_model
 
 
@@ -32,7 +32,9 @@ for verb, command in {
     "quantize": quantize.command,
     "finetune": finetune.command,
     "optimize": optimize.command,
-    "infer": infer.command,
+    "infer": images.with_image_option(infer.command),
+    "build": images.build,
+    "up": images.up,
     "push": azureml.push,
     "pull": azureml.pull,
 }.items():

@@ -154,7 +154,14 @@ def _dequantize_awq(quantized: Path, out: Path, dtype: str) -> None:
         state[f"{prefix}.weight"] = weight.T.contiguous()  # AWQ packs (in, out); nn.Linear holds (out, in)
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    model.load_state_dict({k: v.to(getattr(torch, dtype)) for k, v in state.items()}, strict=False, assign=True)
+    result = model.load_state_dict(
+        {k: v.to(getattr(torch, dtype)) for k, v in state.items()}, strict=False, assign=True
+    )
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise volume.StageError(
+            f"{quantized} does not match its config: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+        )
     model.tie_weights()
     _save_plain(model, out)
 
