@@ -129,41 +129,38 @@ def _dequantize_olive(quantized: Path, out: Path, dtype: str) -> None:
 
 
 def _dequantize_awq(quantized: Path, out: Path, dtype: str) -> None:
+    """Unpack AutoAWQ's GEMM tensors straight into a safetensors file: no model is built (3.8B random inits
+    would cost a minute), and the arithmetic is AutoAWQ's own, on the GPU when there is one."""
     import torch
     from awq.utils.packing_utils import dequantize_gemm
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(quantized)
     qcfg = config.quantization_config
     qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
     if str(qcfg.get("version", "gemm")).lower() != "gemm":
         raise volume.StageError(f"AWQ version {qcfg.get('version')!r} is not read; quantize with version gemm")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     state: dict = {}
     for file in sorted(quantized.glob("*.safetensors")):
         state.update(load_file(file))
     for key in [k for k in state if k.endswith(".qweight")]:
         prefix = key.removesuffix(".qweight")
-        weight = dequantize_gemm(
-            state.pop(key),
-            state.pop(f"{prefix}.qzeros"),
-            state.pop(f"{prefix}.scales"),
-            qcfg["bits"],
-            qcfg["group_size"],
-        )
-        state[f"{prefix}.weight"] = weight.T.contiguous()  # AWQ packs (in, out); nn.Linear holds (out, in)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    result = model.load_state_dict(
-        {k: v.to(getattr(torch, dtype)) for k, v in state.items()}, strict=False, assign=True
+        packed = [state.pop(f"{prefix}.{part}").to(device) for part in ("qweight", "qzeros", "scales")]
+        weight = dequantize_gemm(*packed, qcfg["bits"], qcfg["group_size"])
+        state[f"{prefix}.weight"] = weight.T.contiguous().cpu()  # AWQ packs (in, out); nn.Linear holds (out, in)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
     )
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(result.missing_keys) - tied or result.unexpected_keys:
-        raise volume.StageError(
-            f"{quantized} does not match its config: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
-        )
-    model.tie_weights()
-    _save_plain(model, out)
+    del config.quantization_config
+    config.dtype = getattr(torch, dtype)  # AutoAWQ saved its fp16 working dtype; the weights are now `dtype`
+    config.save_pretrained(out)
+    if (quantized / "generation_config.json").is_file():
+        shutil.copy2(quantized / "generation_config.json", out / "generation_config.json")
 
 
 def _save_plain(model, out: Path) -> None:  # noqa: ANN001 (a transformers PreTrainedModel)
