@@ -94,9 +94,11 @@ def run_olive(
     input_model: dict[str, Any],
     passes: dict[str, Any],
     data_configs: list[dict[str, Any]] | None = None,
+    target: str | None = None,
 ) -> Path:
     """Run one Olive workflow on this machine and return the folder of its output model.
 
+    ``target`` is the device the output model is for (optimize: always "cpu"); by default this machine's GPU.
     Olive gets a fresh cache inside ``workdir``: our manifests decide what to skip, and a stale
     Olive cache must never stand in for a rerun the user forced.
     """
@@ -106,7 +108,7 @@ def run_olive(
         if type(handler) is logging.StreamHandler:
             handler.setLevel(logging.INFO if _console["verbose"] else logging.WARNING)
 
-    device = "gpu" if has_cuda() else "cpu"
+    device = target or ("gpu" if has_cuda() else "cpu")
     provider = "CUDAExecutionProvider" if device == "gpu" else "CPUExecutionProvider"
     config = {
         "input_model": {"type": "HfModel", **input_model},

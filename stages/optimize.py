@@ -35,8 +35,9 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 )
 @click.option(
     "--quantize-lm-head/--keep-lm-head",
-    default=False,
-    help="int4 for the output projection too (smaller, faster) or keep it float as the quantizers do.",
+    default=True,
+    help="int4 for the output projection too, as the lab's build does (340 MB smaller at Phi-3.5-mini size, "
+    "faster decode), or keep it float as the quantizers do (closer to the quantized model).",
 )
 @click.option(
     "--int4-accuracy-level",
@@ -86,7 +87,8 @@ def command(
         passes = {"builder": builder, "extract_adapters": {"type": "ExtractAdapters"}}
         model = {"model_path": str(base), "adapter_path": str(adapter), "load_kwargs": {"attn_implementation": "eager"}}
         with common.scratch(root, "optimize-") as tmp:
-            output = common.run_olive(tmp, model, passes)
+            # For the laptop's CPU, even when built on a GPU host (else genai_config asks for CUDA).
+            output = common.run_olive(tmp, model, passes, target="cpu")
             (out / "adapters").mkdir(parents=True)
             for weights in output.glob(f"*{ADAPTER_SUFFIX}"):
                 shutil.move(str(weights), out / "adapters" / f"{adapter_name}{ADAPTER_SUFFIX}")

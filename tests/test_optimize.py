@@ -74,6 +74,18 @@ def test_int4_model_stays_close_and_the_adapter_moves_its_logits(tiny_run):
     assert relative(on, off) > 1e-3
 
 
+def test_keeping_the_output_projection_float_brings_int4_closer(tiny_run, tmp_path):
+    for stage in ("quantize", "finetune"):
+        shutil.copytree(tiny_run / stage, tmp_path / stage)
+    result = CliRunner().invoke(optimize.command, ["--home", str(tmp_path), "--keep-lm-head"])
+    assert result.exit_code == 0, result.output
+    off, ids = onnx_last_logits(tmp_path / "optimize", None)
+    torch_off, _ = torch_last_logits(tmp_path, ids)
+    default_off, _ = onnx_last_logits(tiny_run / "optimize", None)
+    assert relative(off, torch_off) < 0.08 < relative(default_off, torch_off) + 0.08
+    assert relative(off, torch_off) < relative(default_off, torch_off)
+
+
 def test_manifest_records_the_grid_and_the_adapter_name(tiny_run):
     manifest = volume.read_manifest(tiny_run / "optimize")
     assert manifest["parameters"]["int4_block_size"] == 128  # the quantize stage's group size
