@@ -170,8 +170,10 @@ def describe(root: Path) -> tuple[dict[str, str], str]:
     for package, version in sorted(versions.items()):
         tags[f"version.{package}"] = str(version)
     for stage, manifest in (("quantize", quantize), ("finetune", finetune), ("optimize", optimize)):
-        for metric, value in (manifest.get("metrics") or {}).items():
-            tags[f"metric.{stage}.{metric}"] = str(value)
+        for model, figures in (manifest.get("metrics") or {}).items():  # e.g. quantized: {loss, perplexity, tokens}
+            for name in ("loss", "perplexity"):
+                if name in figures:
+                    tags[f"metric.{stage}.{model}.{name}"] = str(figures[name])
     parts = ["int4 ONNX model for onnxruntime-genai, made by olivepress (Microsoft Olive)."]
     if base:
         parts.append(f"Base model: {base}.")

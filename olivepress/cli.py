@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from olivepress import azureml, images, run, status
+from olivepress import azureml, images, report, run, status
 from stages import finetune, infer, optimize, quantize, tiny_model
 
 
@@ -28,6 +28,7 @@ def main() -> None:
 for verb, command in {
     "run": run.command,
     "status": status.command,
+    "report": report.command,
     "make-tiny-model": tiny_model.main,
     "quantize": quantize.command,
     "finetune": finetune.command,

@@ -62,7 +62,7 @@ def command(root: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     table = Table(title=f"olivepress volume {root}")
-    for column in ("stage", "state", "finished", "wall", "output", "settings", "metrics"):
+    for column in ("stage", "state", "finished", "wall", "output", "settings", "held-out loss"):
         table.add_column(column)
     for row in rows:
         if "ended" not in row:
@@ -75,6 +75,6 @@ def command(root: Path | None, as_json: bool) -> None:
             f"{row['wall_s']:.1f} s",
             f"{row['bytes_out'] / 1e6:.1f} MB",
             " ".join(f"{k}={v}" for k, v in row["parameters"].items()),
-            " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row["metrics"].items()),
+            " ".join(f"{model}={figures['loss']:.3f}" for model, figures in row["metrics"].items()),
         )
     Console().print(table)

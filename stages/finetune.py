@@ -14,6 +14,9 @@ from pathlib import Path
 import click
 
 from stages import common, data, volume
+from stages import evaluate as evaluate_
+
+HELDOUT = "heldout.jsonl"  # in the finetune folder: the rows every later stage scores on
 
 
 def write_rows(rows: list[dict[str, str]], path: Path) -> Path:
@@ -43,6 +46,7 @@ def write_rows(rows: list[dict[str, str]], path: Path) -> Path:
 )
 @click.option("--heldout-fraction", default=0.1, help="Share of rows kept out of training, for scoring.")
 @click.option("--seed", default=0, help="Seed of the split, LoRA initialisation and data order.")
+@click.option("--evaluate/--no-evaluate", default=True, help="Score the finetuned model on the held-out rows.")
 @click.option(
     "--torch-dtype",
     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
@@ -64,6 +68,7 @@ def command(
     target_modules: str,
     heldout_fraction: float,
     seed: int,
+    evaluate: bool,
     torch_dtype: str,
 ) -> None:
     """Train a LoRA adapter on the quantized model from a JSONL of prompt/response rows.
@@ -93,6 +98,7 @@ def command(
         "heldout_fraction": heldout_fraction,
         "seed": seed,
         "torch_dtype": dtype,
+        "evaluate": evaluate,
     }
     split_record = {
         "seed": seed,
@@ -151,7 +157,13 @@ def command(
             config["target_modules"] = sorted(config["target_modules"])
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (out / "adapter" / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
-        return {"split": split_record}
+        # The held-out rows travel with the adapter: optimize scores the ONNX model on exactly these.
+        heldout = [dataset.rows[i] for i in heldout_idx]
+        write_rows(heldout, out / HELDOUT)
+        extra: dict = {"split": split_record}
+        if evaluate and heldout:
+            extra["metrics"] = {"finetuned": evaluate_.torch_loss(base, heldout, text_template, out / "adapter")}
+        return extra
 
     inputs = {"base": base, "data_files": data_files}
     volume.run_stage("finetune", root, inputs, parameters, work, force=force, packages=common.TORCH_STACK)

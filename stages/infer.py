@@ -57,16 +57,21 @@ class Engine:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return list(self.tokenizer.encode(text))
 
-    def generate(self, prompt: str, adapter: str, max_new_tokens: int, echo=None) -> Answer:  # noqa: ANN001
+    def new_generator(self, adapter: str, max_length: int):  # noqa: ANN201 (an onnxruntime_genai.Generator)
+        """A greedy generator with ``adapter`` active (or none for BASE)."""
         if adapter != BASE and adapter not in self.adapter_names:
             known = ", ".join([BASE, *self.adapter_names])
             raise volume.StageError(f"no adapter named {adapter!r}; choose one of: {known}")
-        ids = self.prompt_tokens(prompt)
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        params.set_search_options(max_length=max_length, do_sample=False)
         generator = self.og.Generator(self.model, params)
         if adapter != BASE:
             generator.set_active_adapter(self.adapters, adapter)
+        return generator
+
+    def generate(self, prompt: str, adapter: str, max_new_tokens: int, echo=None) -> Answer:  # noqa: ANN001
+        ids = self.prompt_tokens(prompt)
+        generator = self.new_generator(adapter, len(ids) + max_new_tokens)
         stream = self.tokenizer.create_stream()
         start = time.perf_counter()
         generator.append_tokens(ids)

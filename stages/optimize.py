@@ -9,12 +9,16 @@ onnxruntime-genai folder) and ``optimize/adapters/<name>.onnx_adapter``.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import click
 
 from stages import common, volume
+from stages import evaluate as evaluate_
+from stages.finetune import HELDOUT
+from stages.infer import BASE
 
 ADAPTER_SUFFIX = ".onnx_adapter"
 
@@ -45,6 +49,9 @@ ADAPTER_SUFFIX = ".onnx_adapter"
     default=4,
     help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU), 0 = as the input.",
 )
+@click.option(
+    "--evaluate/--no-evaluate", default=True, help="Score the ONNX model, adapter on and off, on held-out rows."
+)
 def command(
     root: Path,
     force: bool,
@@ -53,6 +60,7 @@ def command(
     int4_block_size: str,
     quantize_lm_head: bool,
     int4_accuracy_level: int,
+    evaluate: bool,
 ) -> None:
     """Build the int4 ONNX model and the separate LoRA adapter file with Olive.
 
@@ -73,6 +81,7 @@ def command(
         "int4_block_size": int(int4_block_size),
         "quantize_lm_head": quantize_lm_head,
         "int4_accuracy_level": int4_accuracy_level,
+        "evaluate": evaluate,
     }
 
     def work(out: Path) -> dict:
@@ -97,7 +106,16 @@ def command(
             shutil.move(str(output), out / "model")
         if not (out / "adapters" / f"{adapter_name}{ADAPTER_SUFFIX}").is_file():
             raise click.ClickException("Olive wrote no adapter file; see the stage log")
-        return {"adapters": [adapter_name]}
+        extra: dict = {"adapters": [adapter_name]}
+        heldout_file = adapter.parent / HELDOUT
+        if evaluate and heldout_file.is_file() and heldout_file.stat().st_size:
+            rows = [json.loads(line) for line in heldout_file.read_text(encoding="utf-8").splitlines()]
+            template = volume.read_manifest(adapter.parent)["parameters"]["text_template"]
+            extra["metrics"] = {
+                "onnx_adapter": evaluate_.onnx_loss(out, rows, template, adapter_name),
+                "onnx_base": evaluate_.onnx_loss(out, rows, template, BASE),
+            }
+        return extra
 
     inputs = {"base": base, "adapter": adapter}
     volume.run_stage("optimize", root, inputs, parameters, work, force=force, packages=common.TORCH_STACK)

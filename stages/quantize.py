@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from stages import common, data, volume
+from stages import evaluate as evaluate_
 from stages.tiny_model import build as build_tiny_model
 
 ALGORITHMS = {
@@ -197,6 +198,9 @@ def _save_plain(model, out: Path) -> None:  # noqa: ANN001 (a transformers PreTr
 @click.option("--calibration-samples", default=128, help="Rows used for calibration.")
 @click.option("--max-seq-len", default=512, help="Tokens per calibration sample.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (off: unsafe).")
+@click.option("--heldout-fraction", default=0.1, help="Share of rows kept out of calibration, to score the models on.")
+@click.option("--seed", default=0, help="Seed of the train / held-out split (finetune's --seed must match).")
+@click.option("--evaluate/--no-evaluate", default=True, help="Score the base and quantized models on held-out rows.")
 def command(
     root: Path,
     force: bool,
@@ -209,6 +213,9 @@ def command(
     calibration_samples: int,
     max_seq_len: int,
     trust_remote_code: bool,
+    heldout_fraction: float,
+    seed: int,
+    evaluate: bool,
 ) -> None:
     """Quantize a causal LM to 4-bit weights with Olive (AWQ, GPTQ or RTN).
 
@@ -224,7 +231,9 @@ def command(
             f"--algorithm {algorithm} needs a CUDA GPU and none is visible; on a CPU use --algorithm one of {cpu_ones}"
         )
     text_template = data.unescape(text_template)
-    dataset = data.load_dataset(calibration_data, text_template) if calibrates else None
+    dataset = data.load_dataset(calibration_data, text_template) if calibrates or evaluate else None
+    if dataset:
+        train_idx, heldout_idx = data.split(dataset, heldout_fraction, seed)
     model = resolve_model(model, root)
     parameters = {
         "algorithm": algorithm,
@@ -234,15 +243,21 @@ def command(
         "calibration_samples": calibration_samples if calibrates else None,
         "max_seq_len": max_seq_len if calibrates else None,
         "trust_remote_code": trust_remote_code,
+        "heldout_fraction": heldout_fraction if dataset else None,
+        "seed": seed if dataset else None,
+        "evaluate": evaluate,
     }
     inputs: dict = {"model": model}
-    if calibrates:
+    if dataset:
         inputs["calibration_data"] = calibration_data
 
     def work(out: Path) -> dict:
         dtype = model_dtype(model, trust_remote_code)
         with common.scratch(root, "quantize-") as tmp:
-            calibration = write_calibration(dataset, calibration_samples, tmp / "calibration") if dataset else None
+            calibration = None
+            if calibrates:  # on the train rows only: the held-out rows must stay unseen
+                train = data.Dataset([dataset.rows[i] for i in train_idx], dataset.template, dataset.sha256)
+                calibration = write_calibration(train, calibration_samples, tmp / "calibration")
             quantize(
                 model,
                 algorithm,
@@ -255,7 +270,20 @@ def command(
                 out / "model",
             )
         dequantize(out / "model", out / "dequantized", dtype)
-        return {"base_model": model if not Path(model).exists() else Path(model).name, "dtype": dtype}
+        extra = {"base_model": model if not Path(model).exists() else Path(model).name, "dtype": dtype}
+        if evaluate:
+            rows = [dataset.rows[i] for i in heldout_idx]
+            extra["split"] = {
+                "seed": seed,
+                "heldout_fraction": heldout_fraction,
+                "heldout_rows": len(rows),
+                "heldout_sha256": data.rows_sha256(dataset, heldout_idx),
+            }
+            extra["metrics"] = {
+                "base": evaluate_.torch_loss(Path(model) if Path(model).exists() else model, rows, text_template),
+                "quantized": evaluate_.torch_loss(out / "dequantized", rows, text_template),
+            }
+        return extra
 
     volume.run_stage("quantize", root, inputs, parameters, work, force=force, packages=(*common.TORCH_STACK, "autoawq"))
 

@@ -134,7 +134,7 @@ def make_volume(home: Path, seed: str = "a") -> Path:
                 "seed": 0,
             },
             "versions": {"peft": "0.17.0"},
-            "metrics": {"heldout_loss": 1.25},
+            "metrics": {"finetuned": {"loss": 1.25, "perplexity": 3.49, "tokens": 40}},
             "outputs": {},
         },
     }
@@ -176,7 +176,7 @@ def test_dry_run_prints_the_registration_without_credentials(rig: Rig, tmp_path:
     assert tags["quantize.algorithm"] == "gptq" and tags["quantize.bits"] == "4"
     assert tags["finetune.max_steps"] == "20" and tags["finetune.data_sha256"] == "d" * 64
     assert tags["version.olive-ai"] == "0.13.0" and tags["version.onnxruntime-genai"] == "0.14.1"
-    assert tags["metric.finetune.heldout_loss"] == "1.25"
+    assert tags["metric.finetune.finetuned.loss"] == "1.25"
     assert "gptq" in plan["description"]
     assert len(rig.standin.state.requests) == before  # no service contacted
 

@@ -62,6 +62,9 @@ def test_fp32_export_matches_pytorch_with_and_without_the_adapter(fp32_home):
     assert relative(off, torch_off) < 1e-4
     assert relative(on, torch_on) < 1e-4
     assert relative(torch_on, torch_off) > 1e-3, "the adapter does not change the logits"
+    onnx_figures = volume.read_manifest(fp32_home / "optimize")["metrics"]
+    torch_figures = volume.read_manifest(fp32_home / "finetune")["metrics"]
+    assert abs(onnx_figures["onnx_adapter"]["loss"] - torch_figures["finetuned"]["loss"]) < 1e-4
 
 
 def test_int4_model_stays_close_and_the_adapter_moves_its_logits(tiny_run):
