@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from olivepress import azureml, images, report, run, status
-from stages import finetune, infer, optimize, quantize, tiny_model
+from stages import chat, finetune, infer, optimize, quantize, serve, tiny_model
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +34,8 @@ for verb, command in {
     "finetune": finetune.command,
     "optimize": optimize.command,
     "infer": images.with_image_option(infer.command),
+    "serve": serve.command,
+    "chat": chat.command,
     "build": images.build,
     "up": images.up,
     "push": azureml.push,

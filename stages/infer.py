@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class Engine:
                 f"{folder} is not an optimized model folder (no model/genai_config.json); "
                 "run `olivepress optimize` or pass --model-dir with model/ and adapters/"
             )
+        self.config = json.loads((model_dir / "genai_config.json").read_text())
         self.model = og.Model(str(model_dir))
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = og.Adapters(self.model)
@@ -53,34 +55,70 @@ class Engine:
             self.adapters.load(str(folder / "adapters" / f"{name}{ADAPTER_SUFFIX}"), name)
 
     def prompt_tokens(self, prompt: str) -> list[int]:
-        messages = json.dumps([{"role": "user", "content": prompt}])
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.chat_tokens([{"role": "user", "content": prompt}])
+
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """A whole conversation through the model's chat template, ready for the assistant's turn."""
+        text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
         return list(self.tokenizer.encode(text))
 
-    def new_generator(self, adapter: str, max_length: int):  # noqa: ANN201 (an onnxruntime_genai.Generator)
-        """A greedy generator with ``adapter`` active (or none for BASE)."""
+    @property
+    def context_length(self) -> int:
+        return int(self.config["model"].get("context_length", 2048))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        eos = self.config["model"].get("eos_token_id", [])
+        return set(eos if isinstance(eos, list) else [eos])
+
+    def new_generator(  # noqa: ANN201 (an onnxruntime_genai.Generator)
+        self, adapter: str, max_length: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None
+    ):
+        """A generator with ``adapter`` active (or none for BASE): greedy at temperature 0, else sampled."""
         if adapter != BASE and adapter not in self.adapter_names:
             known = ", ".join([BASE, *self.adapter_names])
             raise volume.StageError(f"no adapter named {adapter!r}; choose one of: {known}")
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=max_length, do_sample=False)
+        if temperature > 0:
+            options = {"max_length": max_length, "do_sample": True, "temperature": temperature, "top_p": top_p}
+            if seed is not None:
+                options["random_seed"] = seed
+            params.set_search_options(**options)
+        else:
+            params.set_search_options(max_length=max_length, do_sample=False)
         generator = self.og.Generator(self.model, params)
         if adapter != BASE:
             generator.set_active_adapter(self.adapters, adapter)
         return generator
 
-    def generate(self, prompt: str, adapter: str, max_new_tokens: int, echo=None) -> Answer:  # noqa: ANN001
-        ids = self.prompt_tokens(prompt)
-        generator = self.new_generator(adapter, len(ids) + max_new_tokens)
-        stream = self.tokenizer.create_stream()
-        start = time.perf_counter()
+    def stream(
+        self,
+        ids: list[int],
+        adapter: str,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[tuple[int, str]]:
+        """Yield (token id, text piece) for each new token; the one generation loop infer, serve and chat share.
+
+        Nothing is computed until the first item is asked for, and closing the iterator stops generation.
+        """
+        generator = self.new_generator(adapter, len(ids) + max_new_tokens, temperature, top_p, seed)
+        decoder = self.tokenizer.create_stream()
         generator.append_tokens(ids)
-        pieces, first = [], None
         while not generator.is_done():
             generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            yield token, decoder.decode(token)
+
+    def generate(self, prompt: str, adapter: str, max_new_tokens: int, echo=None) -> Answer:  # noqa: ANN001
+        ids = self.prompt_tokens(prompt)
+        start = time.perf_counter()
+        pieces, first = [], None
+        for _, piece in self.stream(ids, adapter, max_new_tokens):
             if first is None:
                 first = time.perf_counter()
-            piece = stream.decode(generator.get_next_tokens()[0])
             pieces.append(piece)
             if echo:
                 echo(piece)
@@ -163,5 +201,28 @@ def command(
             click.echo(f"[{answer['adapter']}] {answer['prompt']}\n{answer['text']}\n")
 
 
+def image_main(argv: list[str] | None = None) -> None:
+    """The slim image's entrypoint (``python -m stages.infer``): ``serve`` (its default command), ``chat``, or infer.
+
+    The first argument picks the verb; anything else (``--prompt ...``, ``--help``, or ``infer ...``) is infer's,
+    so the pipeline and ``olivepress infer --image`` run it as before.
+    """
+    import importlib
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    verb = "infer"
+    if args and args[0] in IMAGE_VERBS:
+        verb, args = args[0], args[1:]
+    if verb == "infer" and args == ["--help"]:
+        click.echo(
+            f"Verbs of this image: {', '.join(IMAGE_VERBS)} (serve is the default command); see `serve --help`.\n"
+        )
+    stage = sys.modules[__name__] if verb == "infer" else importlib.import_module(f"stages.{verb}")
+    stage.command(args, prog_name=f"python -m stages.{verb}", auto_envvar_prefix=f"OLIVEPRESS_{verb.upper()}")
+
+
+IMAGE_VERBS = ("infer", "serve", "chat")
+
 if __name__ == "__main__":
-    common.entrypoint(command)
+    image_main()

@@ -1,0 +1,194 @@
+"""chat: an interactive terminal chat with the model, in this process or through a running ``olivepress serve``.
+
+Each line read is a user turn; the answer streams back as it is generated and the conversation is kept, so
+the model sees the whole history through its chat template. Lines starting with ``/`` are commands (``/help``).
+Runs in the slim image too: the standard library's urllib talks to a server, ``stages.infer.Engine`` to a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import click
+
+from stages import infer, volume
+
+HELP = "commands: /model NAME (switch adapter), /models, /reset (forget the conversation), /quit (or Ctrl-D)"
+
+
+class Backend(Protocol):
+    def models(self) -> list[str]: ...
+
+    def reply(
+        self, messages: list[dict[str, str]], model: str, max_tokens: int, temperature: float
+    ) -> Iterator[str]: ...
+
+
+class LocalBackend:
+    """The model folder loaded here, through the same generation loop as infer and serve."""
+
+    def __init__(self, folder: Path) -> None:
+        self.engine = infer.Engine(folder)
+
+    def models(self) -> list[str]:
+        return ["base", *self.engine.adapter_names]
+
+    def reply(self, messages: list[dict[str, str]], model: str, max_tokens: int, temperature: float) -> Iterator[str]:
+        adapter = infer.BASE if model in ("base", infer.BASE) else model
+        ids = self.engine.chat_tokens(messages)
+        # The oldest turns go first when the conversation outgrows the context (the latest turn always stays).
+        while len(ids) + max_tokens > self.engine.context_length and len(messages) > 2:
+            messages = messages[2:] if messages[0]["role"] != "system" else messages[:1] + messages[3:]
+            ids = self.engine.chat_tokens(messages)
+        max_tokens = max(1, min(max_tokens, self.engine.context_length - len(ids)))
+        eos = self.engine.eos_token_ids
+        for token, piece in self.engine.stream(ids, adapter, max_tokens, temperature=temperature, top_p=0.95):
+            if token in eos:
+                break
+            yield piece
+
+
+class HttpBackend:
+    """A running OpenAI-compatible server (``olivepress serve``), streamed over server-sent events."""
+
+    def __init__(self, url: str) -> None:
+        base = url.rstrip("/")
+        self.base = base if base.endswith("/v1") else f"{base}/v1"
+
+    def _open(self, path: str, body: dict | None = None):  # noqa: ANN202 (an HTTP response)
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.base}{path}", data=data, headers={"Content-Type": "application/json"})
+        try:
+            return urllib.request.urlopen(request, timeout=600)
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = exc.reason
+            raise click.ClickException(f"the server answered {exc.code}: {message}") from None
+        except urllib.error.URLError as exc:
+            raise click.ClickException(f"no server answers at {self.base}: {exc.reason}") from None
+
+    def models(self) -> list[str]:
+        with self._open("/models") as response:
+            return [m["id"] for m in json.load(response)["data"]]
+
+    def reply(self, messages: list[dict[str, str]], model: str, max_tokens: int, temperature: float) -> Iterator[str]:
+        body = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": True,
+        }
+        with self._open("/chat/completions", body) as response:
+            for raw in response:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line.removeprefix("data:").strip()
+                if data == "[DONE]":
+                    return
+                for choice in json.loads(data).get("choices", []):
+                    text = choice.get("delta", {}).get("content")
+                    if text:
+                        yield text
+
+
+@click.command("chat", context_settings={"auto_envvar_prefix": "OLIVEPRESS_CHAT", "show_default": True})
+@click.option(
+    "--home",
+    "root",
+    envvar=volume.HOME_ENV,
+    show_envvar=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help=f"Volume root; the model is <home>/optimize unless --model-dir or --url [default: ./{volume.DEFAULT_HOME}].",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Chat with this optimize-layout folder (model/ + adapters/), loaded here.",
+)
+@click.option("--url", show_envvar=True, help="Chat through a running server instead, e.g. http://localhost:8000.")
+@click.option(
+    "--model", "-m", default=None, show_envvar=True, help="'base' or an adapter's name [default: the first adapter]."
+)
+@click.option("--system", default=None, help="A system message to start the conversation with.")
+@click.option("--max-tokens", default=256, type=click.IntRange(min=1), show_envvar=True, help="Per answer.")
+@click.option(
+    "--temperature", default=0.0, type=click.FloatRange(0, 2), show_envvar=True, help="0: greedy; above: sampled."
+)
+def command(
+    root: Path | None,
+    model_dir: Path | None,
+    url: str | None,
+    model: str | None,
+    system: str | None,
+    max_tokens: int,
+    temperature: float,
+) -> None:
+    """Chat with the model in the terminal: type a message, the answer streams back; Ctrl-D ends.
+
+    \b
+    Examples:
+      olivepress chat --model-dir ./artifacts/optimize --model travel
+      olivepress chat --url http://localhost:8000 --model base
+    """
+    if url:
+        backend: Backend = HttpBackend(url)
+    else:
+        folder = model_dir or volume.require_stage(volume.home(root), "optimize", "run `olivepress optimize` first")
+        backend = LocalBackend(folder)
+    names = backend.models()
+    model = model or (names[1] if len(names) > 1 else names[0])
+    if model not in names and model != infer.BASE:
+        raise click.BadParameter(f"no model named {model!r}; choose one of: {', '.join(names)}", param_hint="--model")
+    interactive = sys.stdin.isatty()
+    click.secho(f"chatting with {model} (models: {', '.join(names)}); {HELP}", dim=True, err=True)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input(f"{model}> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            click.echo(err=True)
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            word, _, arg = line.partition(" ")
+            if word in ("/quit", "/exit"):
+                break
+            if word == "/reset":
+                history = history[:1] if system else []
+                click.secho("(conversation forgotten)", dim=True, err=True)
+            elif word == "/models":
+                click.echo(", ".join(names))
+            elif word == "/model" and arg.strip() in (*names, infer.BASE):
+                model = arg.strip()
+                click.secho(f"(now {model})", dim=True, err=True)
+            else:
+                click.secho(HELP, dim=True, err=True)
+            continue
+        history.append({"role": "user", "content": line})
+        pieces = []
+        try:
+            for piece in backend.reply(history, model, max_tokens, temperature):
+                pieces.append(piece)
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:  # stop this answer, keep the chat
+            click.secho(" [interrupted]", dim=True, nl=False, err=True)
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+if __name__ == "__main__":
+    command(prog_name="python -m stages.chat", auto_envvar_prefix="OLIVEPRESS_CHAT")
