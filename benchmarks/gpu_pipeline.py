@@ -130,14 +130,21 @@ def bench(size: str, algorithm: str, steps: int, work: Path, results: Path, stag
 
 
 def table(results: Path) -> str:
+    """The results file as Markdown: each row labelled with the algorithm and steps of the command that made it."""
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    rows = [r for r in records if "stage" in r]
     gb = 1e9
     lines = [
-        "| model | stage | wall (s) | peak GPU (GiB) | output | lab (A10/A100, real weights) |",
-        "|---|---|---|---|---|---|",
+        "| model | run | stage | wall (s) | peak GPU (GiB) | output | lab (A10/A100, real weights) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    run = ""
+    for r in records:
+        if "command" in r:
+            words = r["command"].split()
+            algorithm = words[words.index("--algorithm") + 1] if "--algorithm" in words else "awq"
+            steps = words[words.index("--steps") + 1] if "--steps" in words else "100"
+            run = f"{algorithm}, {steps} steps"
+            continue
         if r["stage"] == "quantize":
             out = f"{r['base_bytes'] / gb:.2f} GB → {r['quantized_bytes'] / gb:.2f} GB"
         elif r["stage"] == "optimize":
@@ -149,15 +156,9 @@ def table(results: Path) -> str:
             out = f"adapter {r['bytes_out'] / 1e6:.0f} MB"
         peak = f"{r['gpu_peak_mib'] / 1024:.1f}" if r.get("gpu_peak_mib") else "-"
         lab = LAB.get(r["stage"], "") if r["size"] == "phi-3.5-mini" else ""
-        lines.append(f"| {r['size']} | {r['stage']} | {r['wall_s']} | {peak} | {out} | {lab} |")
-    gpu_rows = [r for r in rows if r["size"] == "phi-3.5-mini" and r["stage"] != "infer"]
-    if gpu_rows:
-        total = sum(r["wall_s"] for r in gpu_rows)
-        peak = max(r["gpu_peak_mib"] or 0 for r in gpu_rows) / 1024
-        lines.append(
-            f"\nPhi-3.5-mini shapes, quantize + finetune + optimize: {total:.0f} s wall, peak GPU {peak:.1f} GiB."
-        )
+        lines.append(f"| {r['size']} | {run} | {r['stage']} | {r['wall_s']} | {peak} | {out} | {lab} |")
     lines.append("\nMade by: " + "; ".join(f"`{r['command']}` ({r['started']})" for r in records if "command" in r))
+    rows = [r for r in records if "stage" in r]
     versions = rows[0]["versions"] if rows else {}
     lines.append(
         f"\nGPU: {rows[0]['gpu'] if rows else '?'}; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())
