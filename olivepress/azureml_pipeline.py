@@ -383,7 +383,8 @@ def run_azureml(
     \b
     Examples:
       olivepress run --on azureml --compute gpu-cluster --registry myacr.azurecr.io --dry-run
-      olivepress run --on azureml --compute gpu-cluster --registry myacr.azurecr.io --model microsoft/Phi-3.5-mini-instruct --algorithm awq --gpus 4
+      olivepress run --on azureml --compute gpu-cluster --registry myacr.azurecr.io --gpus 4 \\
+          --model microsoft/Phi-3.5-mini-instruct --algorithm awq
     """
     settings = collect_settings(
         os.environ,
