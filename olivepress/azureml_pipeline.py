@@ -14,9 +14,10 @@ The volume contract on Azure ML. A stage expects one root with its predecessors'
 
 Inputs and outputs are named after the volume folder they hold, and every output lands at
 ``azureml://datastores/<datastore>/paths/olivepress/<job name>/<stage>/``: on the datastore each job leaves one volume
-root with ``quantize/ finetune/ optimize/ infer/`` side by side, as ``olivepress run`` does on a laptop. A stage
-reruns from scratch in its step (the local root is empty), so "skip when unchanged" is Azure ML's own step reuse
-(same component, inputs and settings) rather than the manifest check.
+root with ``quantize/ finetune/ optimize/ infer/`` side by side, as ``olivepress run`` does on a laptop. The job name
+is chosen here, not by the service, because the server-side ``${{name}}`` of an output path is the *step's* job name.
+A stage reruns from scratch in its step (the local root is empty), so "skip when unchanged" is Azure ML's own step
+reuse (same component, inputs and settings) rather than the manifest check.
 
 The model is registered by the pipeline itself: the optimize step's output is a ``custom_model`` with a name, which
 Azure ML registers when the step succeeds. Its folder has push's layout (the stage's files, ``manifest.json`` and the
@@ -34,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -62,11 +64,17 @@ PATH_SETTINGS = {
     "OLIVEPRESS_FINETUNE_DATA_FILES": ("data_files", "uri_file"),
 }
 SETTING_RE = re.compile(r"^OLIVEPRESS_(QUANTIZE|FINETUNE|OPTIMIZE|INFER)_[A-Z0-9_]+$")
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
 TERMINAL = {"Completed", "Failed", "Canceled", "NotResponding", "Paused"}
 FAILED = {"Failed", "Canceled", "NotResponding"}
 
 
 # --- the job spec (pure: no credentials, no service) ---------------------------------------------------------------
+
+
+def new_job_name() -> str:
+    """A unique pipeline job name that sorts by time: olivepress-20260101-120000-1a2b3c."""
+    return f"olivepress-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 def stage_images(registry: str, tag: str = "latest") -> dict[str, str]:
@@ -126,6 +134,7 @@ def build_pipeline_job(
     model_version: str | None = None,
     datastore: str = DEFAULT_DATASTORE,
     experiment: str = EXPERIMENT,
+    job_name: str | None = None,
 ) -> PipelineJob:
     """The pipeline job for ``images`` (stage -> image; quantize, finetune and optimize, and infer if given).
 
@@ -144,10 +153,12 @@ def build_pipeline_job(
     if not azureml.NAME_RE.match(model_name):
         raise click.BadParameter(f"{model_name!r} is not a model name", param_hint="--name")
     stages = [s for s in PIPELINE_STAGES if s in images]
+    job_name = job_name or new_job_name()
+    if not JOB_NAME_RE.match(job_name):
+        raise click.BadParameter(f"{job_name!r}: letters, digits, '-' and '_', at most 255", param_hint="--job-name")
 
     def output_path(stage: str) -> str:
-        # ${{name}} is the pipeline job's name: one volume root per job on the datastore.
-        return f"azureml://datastores/{datastore}/paths/olivepress/${{{{name}}}}/{stage}/"
+        return f"azureml://datastores/{datastore}/paths/olivepress/{job_name}/{stage}/"
 
     builders: dict[str, Callable[..., Any]] = {}
     node_env: dict[str, dict[str, str]] = {}
@@ -200,6 +211,7 @@ def build_pipeline_job(
         return {"model": produced["optimize"]}
 
     job = olivepress_pipeline()
+    job.name = job_name
     job.experiment_name = experiment
     job.settings.default_compute = compute
     job.settings.continue_on_step_failure = False
@@ -354,6 +366,7 @@ def _workspace_options(func: Callable) -> Callable:
 @click.option("--name", "model_name", default=azureml.DEFAULT_NAME, show_default=True, help="Model name to register.")
 @click.option("--env-file", type=click.Path(dir_okay=False, path_type=Path), default=Path(".env"), show_default=True)
 @click.option("--datastore", default=DEFAULT_DATASTORE, show_default=True, help="Where the stage folders land.")
+@click.option("--job-name", help="Name of the pipeline job [default: olivepress-<UTC time>-<random>].")
 @click.option("--dry-run", is_flag=True, help="Print the job spec (YAML) and stop; needs no credentials.")
 @click.option("--wait", is_flag=True, help="Follow the job until it ends (as `olivepress status --on azureml JOB`).")
 @_workspace_options
@@ -370,6 +383,7 @@ def run_azureml(
     model_name: str,
     env_file: Path,
     datastore: str,
+    job_name: str | None,
     dry_run: bool,
     wait: bool,
     subscription: str | None,
@@ -396,7 +410,9 @@ def run_azureml(
     images = stage_images(image_registry, tag)
     if no_infer:
         images.pop("infer")
-    job = build_pipeline_job(images, compute, settings, gpus, model_name=model_name, datastore=datastore)
+    job = build_pipeline_job(
+        images, compute, settings, gpus, model_name=model_name, datastore=datastore, job_name=job_name
+    )
     if dry_run:
         click.echo(job_yaml(job), nl=False)
         click.echo("dry run: nothing was submitted", err=True)
