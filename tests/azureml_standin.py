@@ -7,7 +7,10 @@ It answers, over HTTPS with a test-only CA, exactly the calls that azure-ai-ml 1
   suffix is ``core.olivepress.test`` (.test is a reserved TLD, so no real name is ever impersonated);
 - an App Service managed-identity token endpoint (``IDENTITY_ENDPOINT``/``IDENTITY_HEADER``), so the real
   ``DefaultAzureCredential`` chain signs in without any network;
-- model versions list/get/put, datastore get and listSecrets.
+- model versions list/get/put, datastore get and listSecrets;
+- for ``jobs.create_or_update`` of a pipeline job (tests/test_azureml_pipeline.py): compute get, environment and
+  component version PUTs, the job PUT and GET (every PUT body kept in ``State.puts``), the workspace and its
+  discovery URLs, and the run-history "children" call that ``jobs.list(parent_job_name=...)`` makes.
 
 Blob traffic goes to Azurite: the SDK builds ``https://<account>.blob.core.olivepress.test`` URLs, which cannot resolve,
 so a small CONNECT proxy (``HTTPS_PROXY``) tunnels them, and only them, to Azurite's HTTPS port.  Azurite reads the
@@ -38,9 +41,21 @@ ACCOUNT = "devstoreaccount1"
 # Azurite's well-known development key (public, documented by Microsoft).
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 CONTAINER = "azureml-blobstore-olivepress"
-TOKEN = "olivepress-standin-token"
+TOKEN = "olivepress-standin-token"  # the subject of every token the stand-in issues (token_for)
 IDENTITY_HEADER = "olivepress-standin-identity"
 CLOUD = "OlivepressLocal"
+
+
+def token_for(resource: str) -> str:
+    """An unsigned JWT naming ``resource`` as its audience: the SDK decodes the Azure ML-scoped token that a
+    pipeline job submission sends along, and checks its ``aud`` (it never verifies the signature)."""
+    import base64
+
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+    claims = {"aud": resource.rstrip("/"), "sub": TOKEN}
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}.c3RhbmRpbg"  # signature: "standin", unchecked
 
 
 def make_certs(folder: Path) -> tuple[Path, Path, Path]:
@@ -117,13 +132,34 @@ class State:
     requests: list[tuple[str, str]] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     tokens_issued: int = 0
+    # Pipeline jobs (tests/test_azureml_pipeline.py): compute name -> its properties; every PUT body of an
+    # environment, component or job version, in order; and the stored resources, by path below the workspace.
+    computes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    puts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    children: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # run history: job name -> its steps
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+HISTORY = "/history/v1.0"
+DISCOVERY_KEYS = ("api", "catalog", "experimentation", "history", "hyperdrive", "modelmanagement", "pipelines")
 _WS = (
     r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)"
     r"/providers/Microsoft\.MachineLearningServices/workspaces/(?P<ws>[^/]+)"
 )
+
+
+def _signed_in(header: str) -> bool:
+    """A bearer token this stand-in issued (for any audience: the Azure ML scope's token reaches ARM too)."""
+    import base64
+
+    scheme, _, token = header.partition(" ")
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return False
+    return scheme == "Bearer" and claims.get("sub") == TOKEN
 
 
 class _ControlPlane(BaseHTTPRequestHandler):
@@ -168,13 +204,27 @@ class _ControlPlane(BaseHTTPRequestHandler):
             return self._send(200, self._cloud_metadata())
         if url.path == "/msi/token":
             return self._token(query)
-        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+        if not _signed_in(self.headers.get("Authorization", "")):
             return self._error(401, "AuthenticationFailed", "missing or wrong bearer token")
-        match = re.fullmatch(_WS + r"(?P<rest>/.*)", url.path)
+        if url.path == "/discovery":
+            # The workspace's data-plane base URLs (run history: a pipeline's steps); all of them are this server.
+            return self._send(200, {key: self._base_url() for key in DISCOVERY_KEYS})
+        history = url.path.startswith(HISTORY)
+        path = url.path[len(HISTORY) :] if history else url.path
+        match = re.fullmatch(_WS + r"(?P<rest>/.*)?", path)
         if not match:
             return self._error(404, "NotFound", f"no route for {url.path}")
-        base = url.path[: match.start("rest")]
-        rest = match.group("rest")
+        rest = match.group("rest") or ""
+        base = path[: len(path) - len(rest)]
+        if history:
+            if m := re.fullmatch(r"/runs/(?P<run>[^/]+)/children", rest):
+                self._body()
+                with state.lock:
+                    children = list(state.children.get(m["run"], []))
+                return self._send(200, {"value": children})
+            return self._error(404, "NotFound", f"no route for {url.path}")
+        if not rest:
+            return self._workspace(base, match["ws"])
         if m := re.fullmatch(r"/models/(?P<name>[^/]+)/versions", rest):
             return self._list_versions(base, m["name"], query)
         if m := re.fullmatch(r"/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)", rest):
@@ -184,11 +234,33 @@ class _ControlPlane(BaseHTTPRequestHandler):
         if m := re.fullmatch(r"/datastores/(?P<name>[^/]+)/listSecrets", rest):
             self._body()
             return self._send(200, {"secretsType": "AccountKey", "key": ACCOUNT_KEY})
+        if m := re.fullmatch(r"/computes/(?P<name>[^/]+)", rest):
+            return self._compute(base, m["name"])
+        if re.fullmatch(r"/(environments|components)/[^/]+/versions/[^/]+|/jobs/[^/]+", rest):
+            return self._resource(base, rest)
+        if rest == "/jobs":
+            return self._list_jobs(query)
         return self._error(404, "NotFound", f"no route for {rest}")
 
     do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _handle
 
     # --- the resources --------------------------------------------------------------------------------------
+
+    def _base_url(self) -> str:
+        return f"https://127.0.0.1:{self.server.server_address[1]}"
+
+    def _workspace(self, base: str, name: str) -> None:
+        self._send(
+            200,
+            {
+                "id": base,
+                "name": name,
+                "type": "Microsoft.MachineLearningServices/workspaces",
+                "location": "westeurope",
+                "kind": "Default",
+                "properties": {"discoveryUrl": f"{self._base_url()}/discovery", "workspaceId": "standin"},
+            },
+        )
 
     def _cloud_metadata(self) -> list[dict[str, Any]]:
         host = f"https://127.0.0.1:{self.server.server_address[1]}/"
@@ -211,7 +283,7 @@ class _ControlPlane(BaseHTTPRequestHandler):
         self._send(
             200,
             {
-                "access_token": TOKEN,
+                "access_token": token_for(query.get("resource", "")),
                 "expires_on": str(expires),
                 "resource": query.get("resource", ""),
                 "token_type": "Bearer",
@@ -256,6 +328,61 @@ class _ControlPlane(BaseHTTPRequestHandler):
             }
             state.models[name][version] = resource
         self._send(201 if existing is None else 200, resource)
+
+    def _compute(self, base: str, name: str) -> None:
+        found = self.server.state.computes.get(name)
+        if found is None:
+            return self._error(404, "ResourceNotFound", f"compute {name} not found")
+        self._send(
+            200,
+            {
+                "id": f"{base}/computes/{name}",
+                "name": name,
+                "type": "Microsoft.MachineLearningServices/workspaces/computes",
+                "location": "westeurope",
+                "properties": {"computeType": "AmlCompute", "provisioningState": "Succeeded", "properties": found},
+            },
+        )
+
+    def _resource(self, base: str, rest: str) -> None:
+        """Environment and component versions and jobs: PUT stores the body (and records it), GET returns it.
+
+        Like the service, a job starts as NotStarted, and a PUT answers with what was stored plus an id and state.
+        """
+        state = self.server.state
+        if self.command == "GET":
+            with state.lock:
+                found = state.resources.get(rest)
+            if found is None:
+                return self._error(404, "UserError", f"{rest} not found")
+            return self._send(200, found)
+        if self.command != "PUT":
+            return self._error(405, "MethodNotAllowed", self.command)
+        body = self._body() or {}
+        props = dict(body.get("properties") or {})
+        if rest.startswith("/jobs/"):
+            props.setdefault("status", "NotStarted")
+            props.setdefault("services", {"Studio": {"endpoint": f"https://ml.olivepress.test/runs{rest[5:]}"}})
+        else:
+            props.setdefault("provisioningState", "Succeeded")
+        now = dt.datetime.now(dt.timezone.utc).isoformat()
+        resource = {
+            "id": base + rest,
+            "name": rest.rsplit("/", 1)[1],
+            "type": "Microsoft.MachineLearningServices/workspaces" + re.sub(r"/[^/]+(?=/|$)", "", rest, count=0),
+            "properties": props,
+            "systemData": {"createdAt": now, "createdBy": "standin", "lastModifiedAt": now},
+        }
+        with state.lock:
+            state.puts.append((rest, body))
+            existing = state.resources.get(rest)
+            state.resources[rest] = resource
+        self._send(200 if existing else 201, resource)
+
+    def _list_jobs(self, query: dict[str, str]) -> None:
+        with self.server.state.lock:
+            jobs = [r for path, r in self.server.state.resources.items() if path.startswith("/jobs/")]
+        self._send(200, {"value": jobs})
 
     def _datastore(self, base: str, name: str) -> None:
         self._send(
@@ -372,6 +499,16 @@ class StandIn:
     def fail(self, method: str, path: str, status: int, count: int = 1) -> None:
         with self.state.lock:
             self.state.faults.append(Fault(method, path, status, count))
+
+    def set_job_status(self, name: str, status: str, steps: dict[str, str]) -> None:
+        """Move job ``name`` to ``status`` and its steps (by display name) to theirs, as the service would."""
+        with self.state.lock:
+            job = next(r for path, r in self.state.resources.items() if path == f"/jobs/{name}")
+            job["properties"]["status"] = status
+            self.state.children[name] = [
+                {"runId": f"{name}_{step}", "displayName": step, "status": state, "parentRunId": name}
+                for step, state in steps.items()
+            ]
 
     def clear_faults(self) -> None:
         with self.state.lock:
