@@ -70,6 +70,12 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def resolve_dtype(choice: str) -> str:
     """``auto`` is bfloat16 on a GPU and float32 on a CPU, where bf16 training is slow or unsupported."""
     if choice != "auto":

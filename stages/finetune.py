@@ -8,7 +8,11 @@ Only the train split is seen; the held-out rows are left for scoring.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -16,7 +20,16 @@ import click
 from stages import common, data, volume
 from stages import evaluate as evaluate_
 
+log = logging.getLogger("olivepress")
 HELDOUT = "heldout.jsonl"  # in the finetune folder: the rows every later stage scores on
+
+
+def resolve_processes(value: str) -> int:
+    if value == "all":
+        return max(1, common.gpu_count())
+    if not value.isdigit() or int(value) < 1:
+        raise volume.StageError(f"--processes must be a whole number of at least 1, or 'all'; got {value!r}")
+    return int(value)
 
 
 def write_rows(rows: list[dict[str, str]], path: Path) -> Path:
@@ -24,6 +37,39 @@ def write_rows(rows: list[dict[str, str]], path: Path) -> Path:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def train(job: dict) -> Path:
+    """Run Olive's LoRA pass for one process and return the adapter folder it wrote.
+
+    Under torchrun (``train_distributed``) every process runs this: the Hugging Face Trainer inside Olive's pass
+    finds the process group in the environment and trains data-parallel; each rank writes into its own folder
+    and rank 0's adapter is the one kept.
+    """
+    import torch
+
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    workdir = Path(job["workdir"]) / f"rank{rank}"
+    passes = json.loads(json.dumps(job["passes"]))
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)  # one GPU per process, not the whole model spread over all of them
+            passes["lora"]["device_map"] = "current_device"
+        else:
+            os.environ["ACCELERATE_USE_CPU"] = "true"  # else the Trainer ignores the gloo group and trains alone
+    torch.manual_seed(job["seed"])  # PEFT draws the LoRA A matrices before the trainer seeds anything
+    return common.run_olive(workdir, job["model"], passes, job["data_configs"]) / "adapter"
+
+
+def train_distributed(job: dict, processes: int) -> Path:
+    """Train with ``processes`` data-parallel processes through PyTorch's own launcher (torchrun)."""
+    job_file = Path(job["workdir"]) / "job.json"
+    job_file.write_text(json.dumps(job))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    command += ["-m", "stages.finetune", "--train-job", str(job_file)]
+    log.info("finetune: %s", " ".join(command))
+    subprocess.run(command, check=True)
+    return Path(job["workdir"]) / "rank0" / "output" / "adapter"
 
 
 @common.stage_command("finetune")
@@ -48,6 +94,13 @@ def write_rows(rows: list[dict[str, str]], path: Path) -> Path:
 @click.option("--seed", default=0, help="Seed of the split, LoRA initialisation and data order.")
 @click.option("--evaluate/--no-evaluate", default=True, help="Score the finetuned model on the held-out rows.")
 @click.option(
+    "--processes",
+    default="1",
+    help="Data-parallel training processes through torchrun: one per GPU ('all' = every visible GPU); "
+    "on a CPU they share its cores (gloo). The adapter is saved once.",
+)
+@click.option("--train-job", type=click.Path(exists=True, dir_okay=False, path_type=Path), hidden=True)
+@click.option(
     "--torch-dtype",
     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
     default="auto",
@@ -69,6 +122,8 @@ def command(
     heldout_fraction: float,
     seed: int,
     evaluate: bool,
+    processes: str,
+    train_job: Path | None,
     torch_dtype: str,
 ) -> None:
     """Train a LoRA adapter on the quantized model from a JSONL of prompt/response rows.
@@ -78,6 +133,10 @@ def command(
       olivepress finetune --max-steps 100
       olivepress finetune --data-files my.jsonl --rank 16 --learning-rate 1e-4
     """
+    if train_job:  # one torchrun worker of train_distributed: train only, the parent publishes
+        train(json.loads(train_job.read_text()))
+        return
+    processes = resolve_processes(processes)
     text_template = data.unescape(text_template)
     dataset = data.load_dataset(data_files, text_template)  # every row checked before any compute
     train_idx, heldout_idx = data.split(dataset, heldout_fraction, seed)
@@ -99,6 +158,7 @@ def command(
         "seed": seed,
         "torch_dtype": dtype,
         "evaluate": evaluate,
+        "processes": processes,
     }
     split_record = {
         "seed": seed,
@@ -110,8 +170,6 @@ def command(
     }
 
     def work(out: Path) -> dict:
-        import torch
-
         with common.scratch(root, "finetune-") as tmp:
             train_file = write_rows([dataset.rows[i] for i in train_idx], tmp / "train.jsonl")
             lora = {
@@ -145,10 +203,15 @@ def command(
                 },
                 "dataloader_config": {"batch_size": batch_size},
             }
-            model = {"model_path": str(base), "load_kwargs": {"attn_implementation": "eager"}}
-            torch.manual_seed(seed)  # PEFT draws the LoRA A matrices before the trainer seeds anything
-            output = common.run_olive(tmp, model, {"lora": lora}, [train_data])
-            shutil.move(str(output / "adapter"), out / "adapter")
+            job = {
+                "workdir": str(tmp),
+                "seed": seed,
+                "model": {"model_path": str(base), "load_kwargs": {"attn_implementation": "eager"}},
+                "passes": {"lora": lora},
+                "data_configs": [train_data],
+            }
+            adapter_dir = train(job) if processes == 1 else train_distributed(job, processes)
+            shutil.move(str(adapter_dir), out / "adapter")
         # Paths on this machine would make identical runs differ: name the base by its place on the volume.
         config_file = out / "adapter" / "adapter_config.json"
         config = json.loads(config_file.read_text())
@@ -160,7 +223,7 @@ def command(
         # The held-out rows travel with the adapter: optimize scores the ONNX model on exactly these.
         heldout = [dataset.rows[i] for i in heldout_idx]
         write_rows(heldout, out / HELDOUT)
-        extra: dict = {"split": split_record}
+        extra: dict = {"split": split_record, "world_size": processes}
         if evaluate and heldout:
             extra["metrics"] = {"finetuned": evaluate_.torch_loss(base, heldout, text_template, out / "adapter")}
         return extra

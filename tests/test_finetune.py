@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import torch
 from click.testing import CliRunner
 
 from stages import finetune, volume
@@ -40,3 +42,26 @@ def test_finetune_before_quantize_says_what_to_run(tmp_path):
 def test_qlora_on_a_cpu_is_refused_clearly(tiny_run, tmp_path):
     result = invoke(tiny_run, "--method", "qlora")
     assert result.exit_code == 2 and "needs a CUDA GPU" in result.output
+
+
+def test_two_gloo_processes_train_data_parallel_and_save_one_adapter(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    adapters = {}
+    for processes in ("1", "2"):
+        home = tmp_path / f"p{processes}"
+        shutil.copytree(tiny_run / "quantize", home / "quantize")
+        result = invoke(home, "--max-steps", "4", "--processes", processes, "--no-evaluate")
+        assert result.exit_code == 0, result.output
+        assert volume.read_manifest(home / "finetune")["world_size"] == int(processes)
+        adapters[processes] = load_file(home / "finetune" / "adapter" / "adapter_model.safetensors")
+    single, double = adapters["1"], adapters["2"]
+    assert {k: v.shape for k, v in single.items()} == {k: v.shape for k, v in double.items()}
+    # Same seed and data: only a real data-parallel run (other shards, twice the batch) trains other weights.
+    assert any(not torch.equal(single[k], double[k]) for k in single)
+    assert not list((tmp_path / "p2").glob(".finetune.partial"))
+
+
+def test_processes_must_be_a_count(tmp_path):
+    result = invoke(tmp_path, "--processes", "two")
+    assert result.exit_code == 2 and "--processes must be a whole number" in result.output
