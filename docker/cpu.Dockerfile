@@ -2,7 +2,9 @@
 # no compilers). What a laptop pulls to run the model folder the GPU pipeline produced.
 #
 #   docker buildx build -f docker/cpu.Dockerfile --target infer -t olivepress/infer .
-#   docker run --rm -v "$PWD/artifacts:/workspace" olivepress/infer --help
+#   docker run --rm -p 8000:8000 -v "$PWD/artifacts:/workspace" olivepress/infer     # serve (the default)
+#   docker run --rm -v "$PWD/artifacts:/workspace" olivepress/infer infer --prompt "Hi"
+#   docker run --rm olivepress/infer --help
 #
 # The venv is built and trimmed in `build` (which has pip, binutils) and only the result is copied into the
 # final stage, as TGI's images do. Behind a TLS-intercepting proxy add `--secret id=extra_ca,src=ca.pem`.
@@ -93,16 +95,25 @@ ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     PYTHONPATH=/opt/olivepress \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    OLIVEPRESS_HOME=/workspace
+    OLIVEPRESS_HOME=/workspace \
+    OLIVEPRESS_SERVE_HOST=0.0.0.0 \
+    OLIVEPRESS_SERVE_PORT=8000
 WORKDIR /workspace
 USER 1000:1000
+EXPOSE 8000
+# No curl here: Python's urllib asks the server. Only `serve` listens; the check fails (harmlessly) for other verbs.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen(f\"http://127.0.0.1:{os.environ.get('OLIVEPRESS_SERVE_PORT', '8000')}/health\", timeout=4)"]
+# stages.infer dispatches: `serve` and `chat` as first argument run those verbs, anything else is infer's
+# (so `docker run IMAGE --help`, `IMAGE --prompt ...` and `IMAGE infer ...` run infer, as they always did).
 ENTRYPOINT ["python", "-m", "stages.infer"]
+CMD ["serve"]
 # Declared here, after every RUN: a new revision changes only the labels, never a cached layer.
 ARG VERSION
 ARG REVISION
 ARG SOURCE
 LABEL org.opencontainers.image.title="olivepress-infer" \
-      org.opencontainers.image.description="olivepress infer stage: onnxruntime-genai on CPU, LoRA adapter on and off; no torch" \
+      org.opencontainers.image.description="olivepress serve (OpenAI-compatible API) and infer: onnxruntime-genai on CPU, LoRA adapters by name; no torch" \
       org.opencontainers.image.source="${SOURCE}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.version="${VERSION}" \

@@ -395,7 +395,7 @@ def infer_image(
     except docker.errors.ImageNotFound:
         raise click.ClickException(f"No image {image}: build it with `olivepress build infer`.") from None
     volumes = {str(home): {"bind": CONTAINER_HOME, "mode": "rw"}}
-    command = list(args)
+    command = ["infer", *args]  # the image's default command is `serve`
     if model_dir is not None:
         volumes[str(Path(model_dir).resolve())] = {"bind": "/model", "mode": "ro"}
         command += ["--model-dir", "/model"]

@@ -338,3 +338,47 @@ def test_infer_with_image_option_runs_the_stage_in_the_image(cpu_run, built):
     assert run.exit_code == 0, run.output[-3000:]
     assert "infer: done" in run.output and "/workspace/infer" in run.output  # it ran in the container
     assert {a["prompt"] for a in _check_answers(volume, started)} == {"Hi"}
+
+
+def test_inference_image_serves_the_openai_api_by_default(built, client, tiny_run):
+    """`docker run IMAGE` (no command) serves; the real openai client streams from it; its HEALTHCHECK passes."""
+    openai = pytest.importorskip("openai")
+    attrs = client.images.get(built["infer"]).attrs["Config"]
+    assert attrs["Cmd"] == ["serve"] and "8000/tcp" in attrs["ExposedPorts"]
+    folder = tiny_run / "optimize"
+    st = folder.stat()
+    container = client.containers.run(
+        built["infer"],
+        volumes={str(folder): {"bind": "/model", "mode": "ro"}},
+        environment={"OLIVEPRESS_SERVE_MODEL_DIR": "/model"},
+        ports={"8000/tcp": ("127.0.0.1", None)},
+        user=f"{st.st_uid}:{st.st_gid}",  # the folder's owner, as infer_image does (pytest's tmp is private)
+        detach=True,
+    )
+    try:
+        deadline, port = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            container.reload()
+            assert container.status in ("created", "running"), container.logs().decode()[-3000:]
+            bound = (container.attrs["NetworkSettings"]["Ports"] or {}).get("8000/tcp")
+            if bound and "serve:" in container.logs().decode():
+                port = bound[0]["HostPort"]
+                break
+            time.sleep(0.5)
+        assert port, container.logs().decode()[-3000:]
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=2, timeout=60)
+        assert [m.id for m in api.models.list()] == ["base", "travel"]
+        messages = [{"role": "user", "content": "What should I pack for Lisbon?"}]
+        whole = api.chat.completions.create(model="travel", messages=messages, max_tokens=10)
+        assert whole.choices[0].message.content.strip() and whole.usage.completion_tokens <= 10
+        chunks = list(api.chat.completions.create(model="travel", messages=messages, max_tokens=10, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+        with pytest.raises(openai.BadRequestError):
+            api.chat.completions.create(model="cooking", messages=messages)
+        # The image's own HEALTHCHECK command, run now rather than after its 30 s interval.
+        check = attrs["Healthcheck"]["Test"]
+        assert check[0] == "CMD"
+        code, output = container.exec_run(check[1:])
+        assert code == 0, output.decode()
+    finally:
+        container.remove(force=True)
