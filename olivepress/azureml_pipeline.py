@@ -32,6 +32,7 @@ The Azure SDK is imported inside the functions: ``olivepress --help`` needs none
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -279,9 +280,13 @@ def submit(client: MLClient, job: PipelineJob) -> Any:
 
 def step_states(client: MLClient, job_name: str) -> tuple[str, dict[str, str]]:
     """The pipeline's status and each step's (by display name; steps not started yet are absent)."""
+
+    def text(status: Any) -> str:  # the pipeline's status is an enum, the steps' plain strings
+        return str(getattr(status, "value", status) or "NotStarted")
+
     job = client.jobs.get(job_name)
-    steps = {(child.display_name or child.name): child.status for child in client.jobs.list(parent_job_name=job_name)}
-    return job.status, steps
+    children = client.jobs.list(parent_job_name=job_name)
+    return text(job.status), {(child.display_name or child.name): text(child.status) for child in children}
 
 
 def follow(
@@ -310,6 +315,17 @@ def follow(
 
 
 # --- the click commands (registered as `olivepress run --on azureml` / `status --on azureml` by the launcher) -------
+
+
+def _validation_errors(error: BaseException) -> str | None:
+    """The SDK's client-side validation result (a JSON text of {path, message} errors; the exception class depends
+    on the entity) as one line per error, or None for any other error."""
+    text = str(getattr(error, "message", None) or error).strip()
+    try:
+        errors = json.loads(text)["errors"] if text.startswith("{") else None
+        return "\n".join(f"  {e['path']}: {str(e['message']).splitlines()[0]}" for e in errors) if errors else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _client(
@@ -428,6 +444,9 @@ def run_azureml(
         denied = azureml._denied(e, target)
         if denied:
             raise denied from None
+        refused = _validation_errors(e)
+        if refused:  # the SDK's own checks against the workspace (e.g. no such compute): bad input, exit 2
+            raise click.UsageError(f"{target} refused the job, nothing was submitted:\n{refused}") from None
         detail = f"\n{e}" if verbose else " (--verbose shows the SDK's error)"
         raise azureml.TransferFailed(f"submitting to {target} failed: {azureml._short(e)}{detail}") from None
     click.echo(f"submitted {created.name} to {target}")
@@ -458,8 +477,19 @@ def status_azureml(
 ) -> None:
     """Each step's state of the pipeline job JOB (as `olivepress run --on azureml` printed it)."""
     azureml._setup_logging(verbose)
-    _, client = _client(subscription, resource_group, workspace, config, verbose)
-    status = follow(client, job_name, poll_s=interval, once=not keep_following)
+    target, client = _client(subscription, resource_group, workspace, config, verbose)
+    try:
+        status = follow(client, job_name, poll_s=interval, once=not keep_following)
+    except Exception as e:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        denied = azureml._denied(e, target)
+        if denied:
+            raise denied from None
+        if isinstance(e, ResourceNotFoundError):
+            raise click.UsageError(f"no job {job_name} in {target}") from None
+        detail = f"\n{e}" if verbose else " (--verbose shows the SDK's error)"
+        raise azureml.TransferFailed(f"reading {job_name} from {target} failed: {azureml._short(e)}{detail}") from None
     sys.exit(1 if status in FAILED else 0)
 
 

@@ -204,11 +204,12 @@ class _ControlPlane(BaseHTTPRequestHandler):
             return self._send(200, self._cloud_metadata())
         if url.path == "/msi/token":
             return self._token(query)
+        if url.path == "/discovery":
+            # The workspace's data-plane base URLs (run history: a pipeline's steps), all this server. The SDK fetches
+            # them without a token, as from the real discovery service.
+            return self._send(200, {key: self._base_url() for key in DISCOVERY_KEYS})
         if not _signed_in(self.headers.get("Authorization", "")):
             return self._error(401, "AuthenticationFailed", "missing or wrong bearer token")
-        if url.path == "/discovery":
-            # The workspace's data-plane base URLs (run history: a pipeline's steps); all of them are this server.
-            return self._send(200, {key: self._base_url() for key in DISCOVERY_KEYS})
         history = url.path.startswith(HISTORY)
         path = url.path[len(HISTORY) :] if history else url.path
         match = re.fullmatch(_WS + r"(?P<rest>/.*)?", path)
