@@ -392,14 +392,7 @@ def workspace_options(func: Callable) -> Callable:
             type=click.Path(exists=True, path_type=Path),
             help="The workspace's config.json (default: ./config.json or ./.azureml/config.json, or in a parent).",
         ),
-        click.option(
-            "--home",
-            "root",
-            envvar=volume.HOME_ENV,
-            show_envvar=True,
-            type=click.Path(file_okay=False, path_type=Path),
-            help=f"Volume root [default: ./{volume.DEFAULT_HOME}].",
-        ),
+        volume.home_option("Volume root"),
         click.option("-v", "--verbose", is_flag=True, help="Show the Azure SDK's own messages and errors in full."),
     ]
     for option in reversed(options):

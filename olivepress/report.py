@@ -74,14 +74,7 @@ def plot(runs: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
 
 
 @click.command("report")
-@click.option(
-    "--home",
-    "root",
-    envvar=volume.HOME_ENV,
-    show_envvar=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help=f"The run to report [default: ./{volume.DEFAULT_HOME}].",
-)
+@volume.home_option("The run to report")
 @click.option(
     "--compare",
     "others",

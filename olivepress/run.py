@@ -58,14 +58,7 @@ def _error_lines(console_log: Path, count: int = 8) -> str:
 
 
 @click.command("run")
-@click.option(
-    "--home",
-    "root",
-    envvar=volume.HOME_ENV,
-    show_envvar=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help=f"Volume root [default: ./{volume.DEFAULT_HOME}].",
-)
+@volume.home_option("Volume root")
 @click.option("--model", help="Base model: hub id, folder, or 'tiny' (the default: the embedded random-weight Phi-3).")
 @click.option("--algorithm", type=click.Choice(["awq", "gptq", "rtn"]), help="Quantizer [default: gptq].")
 @click.option("--data-files", type=click.Path(exists=True, dir_okay=False), help="JSONL to calibrate and train on.")

@@ -45,14 +45,7 @@ def summary(root: Path) -> list[dict[str, Any]]:
 
 
 @click.command("status")
-@click.option(
-    "--home",
-    "root",
-    envvar=volume.HOME_ENV,
-    show_envvar=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help=f"Volume root [default: ./{volume.DEFAULT_HOME}].",
-)
+@volume.home_option("Volume root")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def command(root: Path | None, as_json: bool) -> None:
     """Show each stage on the volume: done or not, when, how long, how big, and its key settings."""

@@ -28,14 +28,7 @@ def stage_command(name: str, help_text: str | None = None) -> Callable[[Callable
     """
 
     def decorate(func: Callable) -> click.Command:
-        @click.option(
-            "--home",
-            "root",
-            envvar=volume.HOME_ENV,
-            show_envvar=True,
-            type=click.Path(file_okay=False, path_type=Path),
-            help=f"Volume root holding every stage's folder [default: ./{volume.DEFAULT_HOME}].",
-        )
+        @volume.home_option()
         @click.option("--force", is_flag=True, help="Run even if inputs and parameters match the last run.")
         @click.option("-v", "--verbose", is_flag=True, help="Show library logs on the console too.")
         @functools.wraps(func)

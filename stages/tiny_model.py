@@ -102,7 +102,7 @@ def build(output: Path, data_file: Path, vocab_size: int, seed: int, config_file
     type=click.Path(path_type=Path),
     help="Folder to write (default: <home>/tiny-model, the pipeline's default base model).",
 )
-@click.option("--home", "root", envvar=volume.HOME_ENV, help="Volume root.", show_envvar=True)
+@volume.home_option("Volume root whose tiny-model/ is the default --output")
 @click.option(
     "--data-file",
     type=click.Path(path_type=Path),

@@ -48,6 +48,18 @@ class StageError(click.ClickException):
     exit_code = 2
 
 
+def home_option(help_text: str = "Volume root holding every stage's folder") -> Callable:
+    """The --home option (env OLIVEPRESS_HOME) that every command on the volume takes, as a click decorator."""
+    return click.option(
+        "--home",
+        "root",
+        envvar=HOME_ENV,
+        show_envvar=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help=f"{help_text} [default: ./{DEFAULT_HOME}].",
+    )
+
+
 def home(root: str | os.PathLike | None = None) -> Path:
     return Path(root or os.environ.get(HOME_ENV) or DEFAULT_HOME).resolve()
 
