@@ -365,12 +365,12 @@ def _workspace_options(func: Callable) -> Callable:
     "--compute", required=True, envvar="OLIVEPRESS_AZUREML_COMPUTE", show_envvar=True, help="Compute cluster."
 )
 @click.option(
-    "--registry",
-    "image_registry",
+    "--image-registry",
     required=True,
-    envvar="OLIVEPRESS_REGISTRY",
+    envvar="OLIVEPRESS_IMAGE_REGISTRY",
     show_envvar=True,
-    help="Container registry holding the stage images (e.g. myacr.azurecr.io, from `olivepress build --push`).",
+    help="Container registry holding REGISTRY/olivepress/<stage>:TAG (e.g. the workspace's myacr.azurecr.io, "
+    "from `olivepress build --push`). Not push's --registry, which is an Azure ML registry.",
 )
 @click.option("--tag", envvar="OLIVEPRESS_TAG", default="latest", show_default=True, help="Tag of the images.")
 @click.option("--gpus", default=1, type=click.IntRange(min=0), show_default=True, help="GPUs per node finetune uses.")
@@ -412,8 +412,8 @@ def run_azureml(
 
     \b
     Examples:
-      olivepress run --on azureml --compute gpu-cluster --registry myacr.azurecr.io --dry-run
-      olivepress run --on azureml --compute gpu-cluster --registry myacr.azurecr.io --gpus 4 \\
+      olivepress run --on azureml --compute gpu-cluster --image-registry myacr.azurecr.io --dry-run
+      olivepress run --on azureml --compute gpu-cluster --image-registry myacr.azurecr.io --gpus 4 \\
           --model microsoft/Phi-3.5-mini-instruct --algorithm awq
     """
     settings = collect_settings(

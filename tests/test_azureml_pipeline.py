@@ -192,7 +192,7 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
-RUN = ("run-azureml", "--compute", "cpu", "--registry", REGISTRY, "--tag", "t1", "--max-steps", "20")
+RUN = ("run-azureml", "--compute", "cpu", "--image-registry", REGISTRY, "--tag", "t1", "--max-steps", "20")
 
 
 def test_dry_run_prints_the_job_yaml_without_credentials(rig: Rig, tmp_path: Path) -> None:
