@@ -281,3 +281,36 @@ def test_submit_without_credentials_exits_3(rig: Rig) -> None:
     result = cli(*RUN, env=rig.env(credentials=False))
     assert result.returncode == 3 and "az login" in result.stderr, result.stderr
     assert len(rig.standin.state.requests) == before
+
+
+def test_on_azureml_hands_run_and_status_to_the_pipeline_commands() -> None:
+    """The wiring the launcher uses: `olivepress run --on azureml ...` / `olivepress status --on azureml JOB`."""
+    from click.testing import CliRunner
+
+    from olivepress import run, status
+
+    @click.group()
+    def launcher() -> None:
+        pass
+
+    launcher.add_command(ap.with_on_azureml(run.command, ap.run_azureml), "run")
+    launcher.add_command(ap.with_on_azureml(status.command, ap.status_azureml), "status")
+    runner = CliRunner()
+    args = [
+        "--compute",
+        "cpu",
+        "--image-registry",
+        REGISTRY,
+        "--dry-run",
+        "--job-name",
+        JOB,
+        "--env-file",
+        "/nonexistent",
+    ]
+    dry = runner.invoke(launcher, ["run", "--on", "azureml", *args])
+    assert dry.exit_code == 0, dry.output
+    assert yaml.safe_load(dry.stdout)["name"] == JOB
+    assert "--on [local|azureml]" in runner.invoke(launcher, ["run", "--help"]).output
+    assert "--image-registry" in runner.invoke(launcher, ["run", "--on=azureml", "--help"]).output
+    missing = runner.invoke(launcher, ["status", "--on", "azureml"])
+    assert missing.exit_code == 2 and "Missing argument 'JOB'" in missing.output
