@@ -1,0 +1,241 @@
+"""What olivepress adds on top of onnxruntime-genai: decode tokens/s and time to first token of
+
+  (a) the bare onnxruntime-genai loop (the lab's app.py on today's API: append_tokens, generate_next_token),
+  (b) ``stages.infer.Engine.generate`` (what ``olivepress infer`` runs),
+  (c) ``olivepress serve`` over HTTP with streaming (a subprocess; the client reads the SSE chunks as they come),
+
+on the same model folder, the same prompt, adapter and greedy length, in one run; the three are interleaved
+per repeat so drift in the machine's speed hits them alike. Prints a table per model folder and writes
+benchmarks/results/serve_overhead.md with the command, the machine and the versions.
+
+    python benchmarks/serve_overhead.py --model-dir artifacts/optimize [--model-dir other/optimize] --repeats 5
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import click
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from stages import infer  # noqa: E402
+
+PROMPT = "What is the best time of year to visit Paris, and what should I pack?"
+
+
+@dataclass
+class Run:
+    tokens: int
+    ttft_ms: float
+    decode_tps: float
+
+
+def _timing(start: float, stamps: list[float], tokens: int | None = None) -> Run:
+    """``stamps``: when each piece of text arrived; ``tokens``: how many tokens they hold, if not one each."""
+    n = len(stamps) if tokens is None else tokens
+    span = stamps[-1] - stamps[0] if stamps else 0.0
+    decode = (n - 1) / span if n > 1 and span > 0 else 0.0
+    return Run(n, (stamps[0] - start) * 1000 if stamps else 0.0, decode)
+
+
+def bare(model, tokenizer, adapters, adapter: str, ids: list[int], max_new: int) -> Run:  # noqa: ANN001
+    """The lab's loop, as onnxruntime-genai 0.14 spells it."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + max_new, do_sample=False)
+    generator = og.Generator(model, params)
+    if adapter != infer.BASE:
+        generator.set_active_adapter(adapters, adapter)
+    stream = tokenizer.create_stream()
+    stamps = []
+    start = time.perf_counter()
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+        stream.decode(generator.get_next_tokens()[0])
+        stamps.append(time.perf_counter())
+    return _timing(start, stamps)
+
+
+def engine_run(engine: infer.Engine, adapter: str, max_new: int) -> Run:
+    stamps: list[float] = []
+    start = time.perf_counter()
+    engine.generate(PROMPT, adapter, max_new, echo=lambda _: stamps.append(time.perf_counter()))
+    return _timing(start, stamps)
+
+
+def server_run(port: int, model: str, max_new: int) -> Run:
+    """One streamed chat completion; a timestamp per content chunk received, the token count from its usage.
+
+    A chunk carries the text of one token, but a token whose text is still incomplete (part of a word or of a
+    UTF-8 character) sends nothing: so tokens are counted by the server's usage, not by chunks.
+    """
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_new,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    stamps, tokens = [], None
+    start = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    for raw in response:
+        line = raw.strip()
+        if not line.startswith(b"data: {"):
+            continue
+        now, event = time.perf_counter(), json.loads(line[6:])
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        if event["choices"] and event["choices"][0]["delta"].get("content"):
+            stamps.append(now)
+    conn.close()
+    return _timing(start, stamps, tokens)
+
+
+def start_server(folder: Path) -> tuple[subprocess.Popen, int]:
+    cmd = [sys.executable, "-m", "stages.serve", "--model-dir", str(folder), "--port", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        found = re.search(r"http://[^:]+:(\d+)/v1", line)
+        if found:
+            return proc, int(found.group(1))
+    raise RuntimeError("the server did not start")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    mem = ""
+    try:
+        kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem = f", {kib / 2**20:.0f} GiB RAM"
+    except (OSError, AttributeError):
+        pass
+    load = f", load average {os.getloadavg()[0]:.2f} at start" if hasattr(os, "getloadavg") else ""
+    return f"{cpu}, {os.cpu_count()} logical cores{mem}, {platform.system()} {platform.release()}{load}"
+
+
+def versions() -> str:
+    names = ("onnxruntime-genai", "onnxruntime", "numpy")
+    found = [f"{n} {metadata.version(n)}" for n in names]
+    return ", ".join([f"Python {platform.python_version()}", *found])
+
+
+def describe(folder: Path) -> str:
+    config = json.loads((folder / "model" / "genai_config.json").read_text())["model"]
+    decoder = config["decoder"]
+    size = sum(f.stat().st_size for f in (folder / "model").glob("model.onnx*")) / 1e6
+    return (
+        f"hidden {decoder['hidden_size']}, {decoder['num_hidden_layers']} layers, "
+        f"{decoder['num_attention_heads']} heads, vocab {config['vocab_size']}; model.onnx* {size:.1f} MB"
+    )
+
+
+def measure(folder: Path, repeats: int, max_new: int, adapter: str | None) -> tuple[str, list[tuple[str, list[Run]]]]:
+    import onnxruntime_genai as og
+
+    engine = infer.Engine(folder)
+    adapter = adapter or (engine.adapter_names[0] if engine.adapter_names else infer.BASE)
+    # The bare loop gets its own model, as app.py would load it.
+    model = og.Model(str(folder / "model"))
+    tokenizer = og.Tokenizer(model)
+    adapters = og.Adapters(model)
+    for name in engine.adapter_names:
+        adapters.load(str(folder / "adapters" / f"{name}{infer.ADAPTER_SUFFIX}"), name)
+    ids = engine.prompt_tokens(PROMPT)
+    proc, port = start_server(folder)
+    results: dict[str, list[Run]] = {"bare onnxruntime-genai loop": [], "Engine.generate": [], "serve (HTTP, SSE)": []}
+    model_name = "base" if adapter == infer.BASE else adapter
+    try:
+        for i in range(repeats + 1):  # the first round warms every path up and is dropped
+            runs = (
+                bare(model, tokenizer, adapters, adapter, ids, max_new),
+                engine_run(engine, adapter, max_new),
+                server_run(port, model_name, max_new),
+            )
+            if i:
+                for key, run in zip(results, runs, strict=True):
+                    results[key].append(run)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    return adapter, list(results.items())
+
+
+def table(rows: list[tuple[str, list[Run]]]) -> list[str]:
+    """Medians, and the best run: on a shared machine the best is the least disturbed by other work."""
+    lines = [
+        "| path | tokens | TTFT ms (median) | decode tokens/s (median) | best | vs bare (median) | vs bare (best) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    base = [r.decode_tps for r in rows[0][1]]
+    for name, runs in rows:
+        tps = [r.decode_tps for r in runs]
+        med, best = statistics.median(tps), max(tps)
+        lines.append(
+            f"| {name} | {runs[0].tokens} | {statistics.median(r.ttft_ms for r in runs):.1f} | {med:.1f} | "
+            f"{best:.1f} | {med / statistics.median(base):.3f}x | {best / max(base):.3f}x |"
+        )
+    return lines
+
+
+@click.command()
+@click.option("--model-dir", "folders", multiple=True, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--adapter", default=None, help="Adapter name or 'none' [default: the first adapter].")
+@click.option(
+    "--output", default=REPO / "benchmarks" / "results" / "serve_overhead.md", type=click.Path(path_type=Path)
+)
+def main(folders: tuple[Path, ...], repeats: int, max_new_tokens: int, adapter: str | None, output: Path) -> None:
+    """Decode tokens/s and time to first token: bare onnxruntime-genai vs Engine.generate vs serve."""
+    command = "python benchmarks/serve_overhead.py " + " ".join(sys.argv[1:])
+    out = [
+        "# Serving overhead: bare onnxruntime-genai vs olivepress infer vs olivepress serve",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}  ",
+        f"Versions: {versions()}  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        f"Greedy, {max_new_tokens} new tokens at most, prompt {PROMPT!r} through the chat template; medians of "
+        f"{repeats} repeats after one warm-up round, the three paths interleaved. TTFT: from the call (or the HTTP "
+        "request) to the first token's text; decode: tokens after the first over the time since it. The server "
+        "runs in its own process on the same cores; the client reads its stream with http.client.",
+        "",
+    ]
+    for folder in folders:
+        chosen, rows = measure(folder, repeats, max_new_tokens, adapter)
+        section = [f"## {folder}", "", f"Model: {describe(folder)}; adapter `{chosen}`.", "", *table(rows), ""]
+        click.echo("\n".join(section))
+        out += section
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n".join(out))
+    click.echo(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
