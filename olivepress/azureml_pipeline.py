@@ -430,6 +430,9 @@ def run_azureml(
         images, compute, settings, gpus, model_name=model_name, datastore=datastore, job_name=job_name
     )
     if dry_run:
+        local = sorted({v for k, v in settings.items() if k in PATH_SETTINGS and Path(v).exists()})
+        if local:  # the SDK writes them as azureml:<path>; at submission it uploads them and sends datastore URIs
+            click.echo(f"# local inputs, uploaded to the workspace's datastore on submission: {', '.join(local)}")
         click.echo(job_yaml(job), nl=False)
         click.echo("dry run: nothing was submitted", err=True)
         return

@@ -231,7 +231,8 @@ def test_submit_puts_environments_components_and_the_job(rig: Rig, tmp_path: Pat
 
     state.computes["cpu"] = {"vmSize": "STANDARD_D2_V2"}
     before = len(state.puts)
-    result = cli(*RUN, "--job-name", JOB, "--env-file", str(tmp_path / "none.env"), env=env)
+    data = REPO / "data" / "data_sample_travel.jsonl"  # a local file: uploaded by the SDK, then a step input
+    result = cli(*RUN, "--job-name", JOB, "--data-files", str(data), "--env-file", str(tmp_path / "none.env"), env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"submitted {JOB}" in result.stdout and f"status --on azureml {JOB}" in result.stdout
     puts = state.puts[before:]
@@ -249,10 +250,18 @@ def test_submit_puts_environments_components_and_the_job(rig: Rig, tmp_path: Pat
             next(p for p, b in puts if b in environments and stage in b["properties"]["image"])
         )
         assert node["computeId"].endswith("/workspaces/ws-1/computes/cpu")
-        assert {k: v["value"] for k, v in node.get("inputs", {}).items()} == {
+        assert {k: v["value"] for k, v in node.get("inputs", {}).items() if "value" in v} == {
             need: f"${{{{parent.jobs.{need}.outputs.{need}}}}}" for need in ap.NEEDS[stage]
         }
     assert body["jobs"]["finetune"]["environment_variables"] == {"OLIVEPRESS_FINETUNE_MAX_STEPS": "20"}
+    uploaded = body["jobs"]["finetune"]["inputs"]["data_files"]
+    assert uploaded["job_input_type"] == "uri_file"
+    assert re.fullmatch(
+        r"azureml://datastores/workspaceblobstore/paths/(LocalUpload/\w+/data_sample_travel\.jsonl)", uploaded["uri"]
+    )
+    blob = uploaded["uri"].split("/paths/", 1)[1]
+    assert rig.container.download_blob(blob).readall() == data.read_bytes()  # type: ignore[attr-defined]
+    assert body["jobs"]["quantize"]["inputs"]["calibration_data"]["uri"] == uploaded["uri"]  # the same upload
     assert body["jobs"]["quantize"]["outputs"]["quantize"]["uri"] == root_path("quantize")
     assert body["jobs"]["optimize"]["outputs"]["optimize"]["value"] == "${{parent.outputs.model}}"
     model = body["outputs"]["model"]
