@@ -330,7 +330,8 @@ def _validation_errors(error: BaseException) -> str | None:
 
 def _client(
     subscription: str | None, resource_group: str | None, workspace: str | None, config: Path | None, verbose: bool
-):
+) -> tuple[azureml.Target, Any]:
+    """The workspace (a pipeline job needs one: no --registry here) and a signed-in MLClient."""
     target = azureml.resolve_target(subscription, resource_group, workspace, None, config)
     return target, azureml.credential_and_client(target, verbose)  # exit 3 with the sign-in help if none
 
