@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -207,12 +208,25 @@ def table(rows: list[tuple[str, list[Run]]]) -> list[str]:
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--adapter", default=None, help="Adapter name or 'none' [default: the first adapter].")
+@click.option("--note", "notes", multiple=True, help="A paragraph for the results file (repeatable).")
 @click.option(
     "--output", default=REPO / "benchmarks" / "results" / "serve_overhead.md", type=click.Path(path_type=Path)
 )
-def main(folders: tuple[Path, ...], repeats: int, max_new_tokens: int, adapter: str | None, output: Path) -> None:
+def main(
+    folders: tuple[Path, ...],
+    repeats: int,
+    max_new_tokens: int,
+    adapter: str | None,
+    notes: tuple[str, ...],
+    output: Path,
+) -> None:
     """Decode tokens/s and time to first token: bare onnxruntime-genai vs Engine.generate vs serve."""
-    command = "python benchmarks/serve_overhead.py " + " ".join(sys.argv[1:])
+    shown, skip = [], False
+    for arg in sys.argv[1:]:  # the notes are the file's text, not part of the command worth showing
+        if not skip and arg != "--note" and not arg.startswith("--note="):
+            shown.append(arg)
+        skip = arg == "--note"
+    command = "python benchmarks/serve_overhead.py " + shlex.join(shown)
     out = [
         "# Serving overhead: bare onnxruntime-genai vs olivepress infer vs olivepress serve",
         "",
@@ -232,6 +246,8 @@ def main(folders: tuple[Path, ...], repeats: int, max_new_tokens: int, adapter: 
         section = [f"## {folder}", "", f"Model: {describe(folder)}; adapter `{chosen}`.", "", *table(rows), ""]
         click.echo("\n".join(section))
         out += section
+    for note in notes:
+        out += [note, ""]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(out))
     click.echo(f"wrote {output}")

@@ -325,6 +325,13 @@ class Handler(BaseHTTPRequestHandler):
                 self._stream(request)
             else:
                 self._complete(request)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as exc:  # a bug or a runtime failure: an answer, not a dropped connection
+            log.exception("generation failed")
+            if not request["stream"]:  # a stream has sent its headers already; it can only end
+                self._send_error(ApiError(500, f"generation failed: {exc}", kind="server_error"))
+            self.close_connection = True
         finally:
             self.service.release()
 

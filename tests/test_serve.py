@@ -193,6 +193,31 @@ def test_a_full_server_answers_429_with_retry_after(tiny_run):
         slow.stop()
 
 
+def test_two_slots_run_two_adapters_at_once_with_the_same_answers(tiny_run, server):
+    """One model shared by concurrent generations, each with its own adapter: answers match the sequential ones."""
+    expected = {m: ask(server.client, m, max_tokens=24).choices[0].message.content for m in ("base", "travel")}
+    wide = Server(tiny_run / "optimize", "--max-concurrent", "2")
+    got, errors = [], []
+
+    def one(model: str) -> None:
+        try:
+            got.append((model, ask(wide.client, model, max_tokens=24).choices[0].message.content))
+        except Exception as exc:  # surfaced below, with the others
+            errors.append(repr(exc))
+
+    try:
+        for _ in range(3):
+            threads = [threading.Thread(target=one, args=(m,)) for m in ("base", "travel")]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        wide.stop()
+    assert not errors, errors
+    assert len(got) == 6 and all(text == expected[model] for model, text in got)
+
+
 def test_a_folder_that_is_not_a_model_is_a_clear_error(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "olivepress.cli", "serve", "--model-dir", str(tmp_path), "--port", "0"],
