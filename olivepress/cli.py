@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from olivepress import azureml, images, report, run, status
+from olivepress import azureml, azureml_pipeline, images, report, run, status
 from stages import chat, finetune, infer, optimize, quantize, serve, tiny_model
 
 
@@ -26,8 +26,8 @@ def main() -> None:
 
 
 for verb, command in {
-    "run": run.command,
-    "status": status.command,
+    "run": azureml_pipeline.with_on_azureml(run.command, azureml_pipeline.run_azureml),
+    "status": azureml_pipeline.with_on_azureml(status.command, azureml_pipeline.status_azureml),
     "report": report.command,
     "make-tiny-model": tiny_model.main,
     "quantize": quantize.command,
