@@ -181,6 +181,13 @@ def _console() -> Any:
 )
 @click.option("--progress", type=click.Choice(["auto", "plain", "tty", "quiet"]), default="auto", show_default=True)
 @click.option("--no-cache", is_flag=True, help="Rebuild every layer.")
+@click.option(
+    "--push",
+    "push_registry",
+    metavar="REGISTRY",
+    help="Then push each image as REGISTRY/olivepress/<image>:TAG, e.g. an Azure ML workspace's ACR for "
+    "`olivepress run --on azureml` (log in first: `az acr login` or `docker login`).",
+)
 def build(
     names: tuple[str, ...],
     base_image: str,
@@ -189,6 +196,7 @@ def build(
     repository: str,
     progress: str,
     no_cache: bool,
+    push_registry: str | None,
 ) -> None:
     """Build the images: all four, or those named (quantize, finetune, optimize, infer).
 
@@ -217,12 +225,23 @@ def build(
         size = client.images.get(ref).attrs["Size"]
         rows.append((ref, seconds, size))
         console.print(f"[green]built[/] {ref} in {seconds:.1f} s, {human_size(size)}")
+        if push_registry:
+            push_image(client, ref, image_ref(name, f"{push_registry.rstrip('/')}/olivepress", tag), console)
     from rich.table import Table
 
     table = Table("image", "build s", "size", title=f"revision {labels['REVISION'][:12]}")
     for ref, seconds, size in rows:
         table.add_row(ref, f"{seconds:.1f}", human_size(size))
     console.print(table)
+
+
+def push_image(client: docker.DockerClient, ref: str, target: str, console: Any) -> None:  # noqa: ANN401
+    """Tag ``ref`` as ``target`` and push it, turning the engine's streamed errors into one clear message."""
+    client.images.get(ref).tag(target)
+    for line in client.images.push(target, stream=True, decode=True):
+        if "error" in line:
+            raise click.ClickException(f"pushing {target} failed: {line['error']} (logged in to the registry?)")
+    console.print(f"[green]pushed[/] {target}")
 
 
 @dataclass
