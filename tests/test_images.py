@@ -382,3 +382,13 @@ def test_inference_image_serves_the_openai_api_by_default(built, client, tiny_ru
         assert code == 0, output.decode()
     finally:
         container.remove(force=True)
+
+
+def test_build_push_to_an_unreachable_registry_fails_clearly(built, base_image, extra_ca):
+    # No registry runs here: a closed loopback port shows the push really happens, and that its failure is named.
+    args = ["build", "infer", "--base-image", base_image, "--tag", TAG, "--progress", "quiet", "--push", "127.0.0.1:9"]
+    if extra_ca is not None:
+        args += ["--extra-ca", str(extra_ca)]
+    result = launcher(*args)
+    assert result.returncode == 1
+    assert "pushing 127.0.0.1:9/olivepress/infer:" in result.stderr and "logged in to the registry?" in result.stderr
