@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from stages import infer  # noqa: E402
 
+PAUSE_S = 0.5
 PROMPT = "What is the best time of year to visit Paris, and what should I pack?"
 
 
@@ -45,7 +47,12 @@ class Run:
 
 
 def _timing(start: float, stamps: list[float], tokens: int | None = None) -> Run:
-    """``stamps``: when each piece of text arrived; ``tokens``: how many tokens they hold, if not one each."""
+    """``stamps``: when each non-empty piece of text arrived; ``tokens``: how many tokens were generated.
+
+    A token whose text is still incomplete (part of a word or of a UTF-8 character) decodes to nothing and the
+    server sends no event for it, so every path is timed on the same visible text: TTFT is the time to the first
+    text, decode the tokens after it over the time from the first text to the last.
+    """
     n = len(stamps) if tokens is None else tokens
     span = stamps[-1] - stamps[0] if stamps else 0.0
     decode = (n - 1) / span if n > 1 and span > 0 else 0.0
@@ -62,29 +69,26 @@ def bare(model, tokenizer, adapters, adapter: str, ids: list[int], max_new: int)
     if adapter != infer.BASE:
         generator.set_active_adapter(adapters, adapter)
     stream = tokenizer.create_stream()
-    stamps = []
+    stamps, tokens = [], 0
     start = time.perf_counter()
     generator.append_tokens(ids)
     while not generator.is_done():
         generator.generate_next_token()
-        stream.decode(generator.get_next_tokens()[0])
-        stamps.append(time.perf_counter())
-    return _timing(start, stamps)
+        tokens += 1
+        if stream.decode(generator.get_next_tokens()[0]):
+            stamps.append(time.perf_counter())
+    return _timing(start, stamps, tokens)
 
 
 def engine_run(engine: infer.Engine, adapter: str, max_new: int) -> Run:
     stamps: list[float] = []
     start = time.perf_counter()
-    engine.generate(PROMPT, adapter, max_new, echo=lambda _: stamps.append(time.perf_counter()))
-    return _timing(start, stamps)
+    answer = engine.generate(PROMPT, adapter, max_new, echo=lambda piece: piece and stamps.append(time.perf_counter()))
+    return _timing(start, stamps, answer.new_tokens)
 
 
 def server_run(port: int, model: str, max_new: int) -> Run:
-    """One streamed chat completion; a timestamp per content chunk received, the token count from its usage.
-
-    A chunk carries the text of one token, but a token whose text is still incomplete (part of a word or of a
-    UTF-8 character) sends nothing: so tokens are counted by the server's usage, not by chunks.
-    """
+    """One streamed chat completion; a timestamp per content chunk received, the token count from its usage."""
     body = json.dumps(
         {
             "model": model,
@@ -111,6 +115,13 @@ def server_run(port: int, model: str, max_new: int) -> Run:
             stamps.append(now)
     conn.close()
     return _timing(start, stamps, tokens)
+
+
+def settled(run: Callable[[], Run]) -> Run:
+    """Run after a pause: onnxruntime's thread pools spin for a while after their last work, and the path measured
+    just before (in this process or the server's) must not take cores from this one."""
+    time.sleep(PAUSE_S)
+    return run()
 
 
 def start_server(folder: Path) -> tuple[subprocess.Popen, int]:
@@ -173,9 +184,9 @@ def measure(folder: Path, repeats: int, max_new: int, adapter: str | None) -> tu
     try:
         for i in range(repeats + 1):  # the first round warms every path up and is dropped
             runs = (
-                bare(model, tokenizer, adapters, adapter, ids, max_new),
-                engine_run(engine, adapter, max_new),
-                server_run(port, model_name, max_new),
+                settled(lambda: bare(model, tokenizer, adapters, adapter, ids, max_new)),
+                settled(lambda: engine_run(engine, adapter, max_new)),
+                settled(lambda: server_run(port, model_name, max_new)),
             )
             if i:
                 for key, run in zip(results, runs, strict=True):
@@ -237,8 +248,10 @@ def main(
         "",
         f"Greedy, {max_new_tokens} new tokens at most, prompt {PROMPT!r} through the chat template; medians of "
         f"{repeats} repeats after one warm-up round, the three paths interleaved. TTFT: from the call (or the HTTP "
-        "request) to the first token's text; decode: tokens after the first over the time since it. The server "
-        "runs in its own process on the same cores; the client reads its stream with http.client.",
+        "request) to the first non-empty text (a token that is part of a word or of a UTF-8 character decodes to "
+        "nothing until the rest comes, and the server sends nothing for it); decode: the tokens after the first "
+        "text over the time from the first text to the last. The server runs in its own process on the same cores; "
+        "the client reads its stream with http.client.",
         "",
     ]
     for folder in folders:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -252,6 +253,12 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "olivepress"
     service: Service  # set on the subclass make_server builds
 
+    def setup(self) -> None:
+        super().setup()
+        # A stream is many small writes: without TCP_NODELAY, Nagle's algorithm holds each one back until the
+        # client's (delayed) ACK of the one before, up to tens of milliseconds per event.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         log.info("%s %s", self.address_string(), format % args)
 
@@ -376,12 +383,16 @@ class Handler(BaseHTTPRequestHandler):
             data = payload if isinstance(payload, str) else json.dumps(payload)
             self._write_chunk(f"data: {data}\n\n".encode())
 
+        # Every content event is the same JSON but for the text: serialize the rest once, not once per token.
+        marker = "\u0000olivepress\u0000"
+        head, tail = json.dumps(_chunk(request, rid, created, {"content": marker}, None)).split(json.dumps(marker))
+        head, tail = f"data: {head}", f"{tail}\n\n"
         pieces = self.service.pieces(request)
         try:
             event(_chunk(request, rid, created, {"role": "assistant", "content": ""}, None))
             for text, finish in pieces:
                 if text:
-                    event(_chunk(request, rid, created, {"content": text}, None))
+                    self._write_chunk(f"{head}{json.dumps(text)}{tail}".encode())
                 if finish:
                     event(_chunk(request, rid, created, {}, finish))
             if request["include_usage"]:
