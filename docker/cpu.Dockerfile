@@ -118,3 +118,42 @@ LABEL org.opencontainers.image.title="olivepress-infer" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="MIT"
+
+# --- push: olivepress push / pull in a container (the compose `push` and `pull` services) -------------------
+# The Azure ML SDK and sign-in, the volume contract and nothing of torch. Credentials come from the environment
+# at run time (a service principal's AZURE_* variables, or a managed identity), never from the image.
+FROM build AS push-build
+ARG PIP_INDEX_URL
+
+RUN --mount=type=secret,id=extra_ca \
+    --mount=type=tmpfs,target=/run/olivepress-ca \
+    --mount=type=bind,source=docker/pip-install.sh,target=/usr/local/bin/pip-install \
+    --mount=type=bind,source=docker/requirements/push.txt,target=/requirements/push.txt \
+    python3 -m venv /opt/push-venv \
+    && pip-install /opt/push-venv /requirements/push.txt \
+    && /opt/push-venv/bin/python -m pip uninstall -y -q pip setuptools
+
+FROM base AS push
+
+COPY --from=push-build /opt/push-venv /opt/venv
+COPY olivepress/__init__.py olivepress/azureml.py /opt/olivepress/olivepress/
+COPY stages/__init__.py stages/volume.py /opt/olivepress/stages/
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    LANG=C.UTF-8 \
+    PYTHONPATH=/opt/olivepress \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    OLIVEPRESS_HOME=/workspace
+WORKDIR /workspace
+USER 1000:1000
+ENTRYPOINT ["python", "-m", "olivepress.azureml"]
+CMD ["push"]
+ARG VERSION
+ARG REVISION
+ARG SOURCE
+LABEL org.opencontainers.image.title="olivepress-push" \
+      org.opencontainers.image.description="olivepress push and pull: the optimized model to and from an Azure ML model registry; no torch" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="MIT"

@@ -47,6 +47,8 @@ IMAGES = {
     "finetune": Image("finetune", "docker/cuda.Dockerfile", "finetune"),
     "optimize": Image("optimize", "docker/cuda.Dockerfile", "optimize"),
     "infer": Image("infer", "docker/cpu.Dockerfile", "infer"),
+    # olivepress push / pull in a container (compose's push and pull services): the Azure SDK, no torch.
+    "push": Image("push", "docker/cpu.Dockerfile", "push"),
 }
 
 

@@ -43,6 +43,9 @@ done
 # 3. The slim image: exactly what infer.in names (see the comment there), hashed.
 "${UV[@]}" "${common[@]}" infer.in --no-deps --generate-hashes -o infer.txt
 
-for f in torch quantize finetune optimize infer; do
+# 4. The push image (Azure ML SDK, no torch): resolved with its dependencies, hashed.
+"${UV[@]}" "${common[@]}" push.in --generate-hashes -o push.txt
+
+for f in torch quantize finetune optimize infer push; do
     printf '%-10s %3d packages\n' "$f" "$(grep -c '^[a-z0-9]' "$f.txt")"
 done

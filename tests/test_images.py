@@ -177,7 +177,7 @@ def cpu_run(built, client, tmp_path_factory):
 # --- the images -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(images.IMAGES))
+@pytest.mark.parametrize("name", images.STAGE_ORDER)
 def test_docker_run_image_help_teaches_the_stage(built, client, name):
     out = client.containers.run(built[name], command=["--help"], remove=True).decode()
     assert f"Usage: python -m stages.{name}" in out
@@ -193,7 +193,8 @@ def test_images_run_as_non_root_with_oci_labels(built, client, name):
     assert labels["org.opencontainers.image.revision"].startswith(head)
     assert labels["org.opencontainers.image.source"]
     assert labels["org.opencontainers.image.version"] not in ("", "0.0.0")
-    assert attrs["Entrypoint"] == ["python", "-m", f"stages.{name}"]
+    module = "olivepress.azureml" if name == "push" else f"stages.{name}"
+    assert attrs["Entrypoint"] == ["python", "-m", module]
 
 
 def test_inference_image_has_onnxruntime_genai_and_no_torch_transformers_or_compiler(built, client):
@@ -392,3 +393,22 @@ def test_build_push_to_an_unreachable_registry_fails_clearly(built, base_image, 
     result = launcher(*args)
     assert result.returncode == 1
     assert "pushing 127.0.0.1:9/olivepress/infer:" in result.stderr and "logged in to the registry?" in result.stderr
+
+
+def test_push_image_dry_runs_a_real_volume_and_needs_credentials_to_push(built, client, tiny_run):
+    # No network in the container: the credential chain's managed-identity probe must not leave this machine.
+    # The volume's owner runs it (pytest's folders are private to it), as compose's `user:` does on a laptop.
+    volume_mount = {str(tiny_run): {"bind": "/workspace", "mode": "ro"}}
+    run = {"volumes": volume_mount, "network_mode": "none", "user": str(os.getuid())}
+    dry = client.containers.run(built["push"], command=["push", "--dry-run"], remove=True, **run).decode()
+    assert "ft-for-travel" in dry and "quantize.algorithm" in dry
+    workspace = {"AZURE_SUBSCRIPTION_ID": "sub", "AZURE_RESOURCE_GROUP": "rg", "AZUREML_WORKSPACE_NAME": "ws"}
+    container = client.containers.run(built["push"], command=["push"], environment=workspace, detach=True, **run)
+    try:
+        assert container.wait(timeout=120)["StatusCode"] == 3
+        assert "az login" in container.logs().decode()
+    finally:
+        container.remove(force=True)
+    probe = "import importlib.util as u; print([m for m in ('torch', 'transformers') if u.find_spec(m)])"
+    out = client.containers.run(built["push"], entrypoint=["python", "-c", probe], remove=True).decode()
+    assert out.strip() == "[]"
