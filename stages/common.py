@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -138,7 +137,3 @@ def copy_tokenizer(source: Path, target: Path) -> None:
     for pattern in ("tokenizer*", "special_tokens_map.json", "chat_template.jinja", "*.model"):
         for file in source.glob(pattern):
             shutil.copy2(file, target / file.name)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in {"1", "true", "yes"}

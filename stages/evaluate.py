@@ -12,8 +12,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from stages import data
-
 
 def _prompt_part(template: str) -> str:
     """The template up to the response field: what the model is given before it answers."""
@@ -38,11 +36,6 @@ def split_tokens(encode: Any, rows: list[dict[str, str]], template: str) -> list
 def summary(total_nll: float, tokens: int) -> dict[str, float]:
     loss = total_nll / tokens
     return {"loss": round(loss, 6), "perplexity": round(math.exp(loss), 4), "tokens": tokens}
-
-
-def heldout_rows(dataset: data.Dataset, fraction: float, seed: int) -> list[dict[str, str]]:
-    _, heldout = data.split(dataset, fraction, seed)
-    return [dataset.rows[i] for i in heldout]
 
 
 def torch_loss(model_dir: Path, rows: list[dict[str, str]], template: str, adapter_dir: Path | None = None) -> dict:
