@@ -431,6 +431,7 @@ def make_server(service: Service, host: str, port: int) -> ThreadingHTTPServer:
 @click.option(
     "--model-dir",
     type=click.Path(file_okay=False, path_type=Path),
+    show_envvar=True,
     help="An optimize-layout folder (model/ + adapters/) [default: <home>/optimize].",
 )
 @click.option("--host", default="127.0.0.1", show_envvar=True, help="Address to listen on (0.0.0.0: every interface).")
@@ -472,7 +473,7 @@ def command(
       olivepress serve --model-dir ./artifacts/optimize
       curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "travel", "messages": [{"role": "user", "content": "Where in Rome?"}]}'
-      python -c "import openai; c = openai.OpenAI(base_url='http://localhost:8000/v1', api_key='x'); ..."
+      olivepress chat --url http://localhost:8000        # or any OpenAI client, base_url .../v1
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
     log.setLevel(logging.INFO if verbose else logging.WARNING)
