@@ -102,14 +102,7 @@ class HttpBackend:
 
 
 @click.command("chat", context_settings={"auto_envvar_prefix": "OLIVEPRESS_CHAT", "show_default": True})
-@click.option(
-    "--home",
-    "root",
-    envvar=volume.HOME_ENV,
-    show_envvar=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help=f"Volume root; the model is <home>/optimize unless --model-dir or --url [default: ./{volume.DEFAULT_HOME}].",
-)
+@volume.home_option("Volume root; the model is <home>/optimize unless --model-dir or --url")
 @click.option(
     "--model-dir",
     type=click.Path(file_okay=False, path_type=Path),

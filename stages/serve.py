@@ -420,14 +420,7 @@ def make_server(service: Service, host: str, port: int) -> ThreadingHTTPServer:
     "serve",
     context_settings={"auto_envvar_prefix": "OLIVEPRESS_SERVE", "show_default": True},
 )
-@click.option(
-    "--home",
-    "root",
-    envvar=volume.HOME_ENV,
-    show_envvar=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help=f"Volume root; the model is <home>/optimize unless --model-dir [default: ./{volume.DEFAULT_HOME}].",
-)
+@volume.home_option("Volume root; the model is <home>/optimize unless --model-dir")
 @click.option(
     "--model-dir",
     type=click.Path(file_okay=False, path_type=Path),
