@@ -40,9 +40,20 @@ def resolve_model(model: str, root: Path) -> str:
 
 
 def model_dtype(model: str, trust_remote_code: bool) -> str:
+    """The model's own dtype, read from its config: also the check, before any compute, that the model loads."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0]
+        hint = (
+            "it needs --trust-remote-code (runs the repository's code: review it first)"
+            if "trust_remote_code" in str(err)
+            else "pass a local folder with --model, check the hub id, the network and HF_TOKEN for gated models, "
+            "or use --model tiny"
+        )
+        raise volume.StageError(f"cannot load model {model!r}: {reason} -- {hint}") from None
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
     return str(dtype).removeprefix("torch.")
 
@@ -251,8 +262,9 @@ def command(
     if dataset:
         inputs["calibration_data"] = calibration_data
 
+    dtype = model_dtype(model, trust_remote_code)
+
     def work(out: Path) -> dict:
-        dtype = model_dtype(model, trust_remote_code)
         with common.scratch(root, "quantize-") as tmp:
             calibration = None
             if calibrates:  # on the train rows only: the held-out rows must stay unseen

@@ -112,3 +112,11 @@ def test_an_autoawq_gemm_checkpoint_dequantizes_to_the_values_it_packs(tiny_run,
     original = AutoModelForCausalLM.from_pretrained(tiny_run / "tiny-model", dtype=torch.float32)
     assert torch.equal(plain.model.embed_tokens.weight, original.model.embed_tokens.weight)
     assert "quantization_config" not in (tmp_path / "plain" / "config.json").read_text()
+
+
+def test_a_model_that_does_not_load_is_named_before_any_compute(tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    result = invoke(tmp_path, "--model", str(tmp_path / "not-a-model"), "--algorithm", "rtn")
+    assert result.exit_code == 2
+    assert "cannot load model" in result.output and "--model tiny" in result.output
+    assert not (tmp_path / "quantize").exists()
