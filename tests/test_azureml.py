@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,11 +79,12 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+@contextmanager
+def running_rig(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Rig]:
+    """The control-plane stand-in, Azurite and a throwaway CA, up for the block (shared with the pipeline tests)."""
     binary = find_azurite()
     assert binary, "azurite-blob not found: run scripts/install-azurite.sh (or set AZURITE_BLOB)"
-    base = tmp_path_factory.mktemp("azureml")
+    base = tmp_path_factory.mktemp(name)
     ca, cert, key = make_certs(base / "certs")
     azurite = Azurite(binary, cert, key, base / "azurite")
     standin = StandIn(cert, key, azurite.port)
@@ -93,6 +95,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     finally:
         standin.close()
         azurite.stop()
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    with running_rig(tmp_path_factory, "azureml") as started:
+        yield started
 
 
 def make_volume(home: Path, seed: str = "a") -> Path:

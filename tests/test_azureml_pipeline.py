@@ -23,9 +23,7 @@ import yaml
 from olivepress import azureml_pipeline as ap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from azureml_standin import StandIn, blob_container, make_certs  # noqa: E402
-from azurite import Azurite, find_azurite  # noqa: E402
-from test_azureml import REPO, Rig  # noqa: E402
+from test_azureml import REPO, Rig, running_rig  # noqa: E402
 
 REGISTRY = "olivepressacr.azurecr.io"
 TINY = {"OLIVEPRESS_FINETUNE_MAX_STEPS": "20", "OLIVEPRESS_QUANTIZE_ALGORITHM": "gptq"}
@@ -36,18 +34,8 @@ STEPS = ["quantize", "finetune", "optimize", "infer"]
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     """The push tests' rig (test_azureml.py): the control-plane stand-in, Azurite, a throwaway CA."""
-    binary = find_azurite()
-    assert binary, "azurite-blob not found: run scripts/install-azurite.sh (or set AZURITE_BLOB)"
-    base = tmp_path_factory.mktemp("azureml-pipeline")
-    ca, cert, key = make_certs(base / "certs")
-    azurite = Azurite(binary, cert, key, base / "azurite")
-    standin = StandIn(cert, key, azurite.port)
-    try:
-        (base / "user-home").mkdir()
-        yield Rig(standin, azurite, ca, blob_container(azurite.account_url, ca), base)
-    finally:
-        standin.close()
-        azurite.stop()
+    with running_rig(tmp_path_factory, "azureml-pipeline") as started:
+        yield started
 
 
 def build(**kwargs: object) -> ap.PipelineJob:
