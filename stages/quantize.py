@@ -137,7 +137,14 @@ def _dequantize_olive(quantized: Path, out: Path, dtype: str) -> None:
             if getattr(child, "bias", None) is not None:
                 plain.bias.data = child.bias.data.clone()
             setattr(parent, name, plain)
-    _save_plain(model, out)
+    # Now a plain model: drop what marks it quantized, so transformers saves and reloads it as float.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    for attribute in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+    model.is_quantized = False
+    model.save_pretrained(out)
 
 
 def _dequantize_awq(quantized: Path, out: Path, dtype: str) -> None:
@@ -173,16 +180,6 @@ def _dequantize_awq(quantized: Path, out: Path, dtype: str) -> None:
     config.save_pretrained(out)
     if (quantized / "generation_config.json").is_file():
         shutil.copy2(quantized / "generation_config.json", out / "generation_config.json")
-
-
-def _save_plain(model, out: Path) -> None:  # noqa: ANN001 (a transformers PreTrainedModel)
-    model.config.quantization_config = None
-    del model.config.quantization_config
-    for attribute in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attribute):
-            delattr(model, attribute)
-    model.is_quantized = False
-    model.save_pretrained(out)
 
 
 @common.stage_command("quantize")
