@@ -88,6 +88,7 @@ def command(
     """
     root = volume.home(root)
     env = dict(os.environ, **{volume.HOME_ENV: str(root)})
+    data_files = str(Path(data_files).resolve()) if data_files else None  # absolute, whatever folder a stage runs in
     for name, value in {
         "model": model,
         "algorithm": algorithm,
@@ -95,12 +96,7 @@ def command(
         "max_steps": max_steps,
     }.items():
         if value is not None:
-            env.update(
-                {
-                    variable: str(Path(value).resolve()) if name == "data_files" else str(value)
-                    for variable in SHORTCUTS[name]
-                }
-            )
+            env.update(dict.fromkeys(SHORTCUTS[name], str(value)))
     console = Console(stderr=True)
     states = {stage: ("waiting", "") for stage in volume.STAGES}
     with Live(_table(states), console=console, refresh_per_second=8, transient=False) as live:
