@@ -28,23 +28,23 @@ CONFIGS = {"tiny": None, "phi-3.5-mini": REPO / "configs" / "phi-3.5-mini.json"}
 TRAINER_FIGURE = re.compile(r"'(train_runtime|train_steps_per_second|train_samples_per_second)': '?([\d.]+)")
 
 
-def stage(name: str, home: Path, *args: str) -> str:
+def stage(name: str, home: Path, *args: str, env: dict[str, str] | None = None) -> str:
     command = [sys.executable, "-m", f"stages.{name}", "--home", str(home), *args]
-    print("$", shlex.join(command), flush=True)
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    print("$", " ".join(f"{k}={v}" for k, v in (env or {}).items()), shlex.join(command), flush=True)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if result.returncode != 0:
         raise SystemExit(f"{name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result.stdout + result.stderr
 
 
-def gpu_names() -> str:
+def gpu_names() -> list[str]:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
         )
     except FileNotFoundError:
-        return ""
-    return ", ".join(out.stdout.split("\n")).strip(", ")
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
 def main() -> None:
@@ -65,10 +65,17 @@ def main() -> None:
         subprocess.run(make, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     stage("quantize", home, "--model", str(base), "--algorithm", "rtn", "--no-evaluate")
     rows = []
+    gpus = len(gpu_names())
     for processes in (1, args.processes):
+        # One process per GPU it may see: a single process shown every GPU would spread the model over them all
+        # (the loader's device_map="auto"), which is model parallelism, not the one-GPU baseline.
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(processes)))} if gpus else {}
         started = time.perf_counter()
         out = stage(
-            "finetune", home, "--max-steps", str(args.steps), "--processes", str(processes), "--force", "--no-evaluate"
+            "finetune",
+            home,
+            *("--max-steps", str(args.steps), "--processes", str(processes), "--force", "--no-evaluate"),
+            env=env,
         )
         wall = time.perf_counter() - started
         figures = {key: float(value) for key, value in TRAINER_FIGURE.findall(out)}
@@ -80,8 +87,9 @@ def main() -> None:
         f"# LoRA finetune on 1 and {args.processes} processes ({args.size}, {args.steps} steps)",
         "",
         f"Made by `python {shlex.join(sys.argv)}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"devices: {gpu_names() or 'CPU only (gloo)'}; "
-        f"{os.cpu_count()} CPU cores.",
+        f"devices: {', '.join(gpu_names()) or 'CPU only (gloo)'}; "
+        f"{os.cpu_count()} CPU cores. Each run sees only the GPUs it uses (`CUDA_VISIBLE_DEVICES`): 1 GPU, then "
+        f"{args.processes}.",
         "",
         "| processes | wall (s) | train runtime (s) | steps/s | samples/s |",
         "|---|---|---|---|---|",
