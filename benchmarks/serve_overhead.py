@@ -169,10 +169,13 @@ def describe(folder: Path) -> str:
 def measure(folder: Path, repeats: int, max_new: int, adapter: str | None) -> tuple[str, list[tuple[str, list[Run]]]]:
     import onnxruntime_genai as og
 
-    engine = infer.Engine(folder)
+    engine = infer.Engine(folder)  # olivepress's default threads: 0, one per core
     adapter = adapter or (engine.adapter_names[0] if engine.adapter_names else infer.BASE)
-    # The bare loop gets its own model, as app.py would load it.
-    model = og.Model(str(folder / "model"))
+    # The bare loop gets its own model, as app.py would load it, with the same thread setting as the Engine and the
+    # server: unset, onnxruntime-genai runs one thread, and the comparison would be of thread counts.
+    config = og.Config(str(folder / "model"))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 0}}}}))
+    model = og.Model(config)
     tokenizer = og.Tokenizer(model)
     adapters = og.Adapters(model)
     for name in engine.adapter_names:
@@ -251,7 +254,8 @@ def main(
         "request) to the first non-empty text (a token that is part of a word or of a UTF-8 character decodes to "
         "nothing until the rest comes, and the server sends nothing for it); decode: the tokens after the first "
         "text over the time from the first text to the last. The server runs in its own process on the same cores; "
-        "the client reads its stream with http.client.",
+        "the client reads its stream with http.client. All three run one onnxruntime thread per core "
+        "(`--threads 0`, olivepress's default).",
         "",
     ]
     for folder in folders:

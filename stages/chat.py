@@ -33,11 +33,11 @@ class Backend(Protocol):
 class LocalBackend:
     """The model folder loaded here, through the same generation loop as infer and serve."""
 
-    def __init__(self, folder: Path) -> None:
-        self.engine = infer.Engine(folder)
+    def __init__(self, folder: Path, threads: int = 0) -> None:
+        self.engine = infer.Engine(folder, threads)
 
     def models(self) -> list[str]:
-        return ["base", *self.engine.adapter_names]
+        return ["base"] * self.engine.has_base + self.engine.adapter_names
 
     def reply(self, messages: list[dict[str, str]], model: str, max_tokens: int, temperature: float) -> Iterator[str]:
         adapter = infer.BASE if model in ("base", infer.BASE) else model
@@ -117,6 +117,7 @@ class HttpBackend:
 @click.option(
     "--temperature", default=0.0, type=click.FloatRange(0, 2), show_envvar=True, help="0: greedy; above: sampled."
 )
+@infer.threads_option
 def command(
     root: Path | None,
     model_dir: Path | None,
@@ -125,6 +126,7 @@ def command(
     system: str | None,
     max_tokens: int,
     temperature: float,
+    threads: int,
 ) -> None:
     """Chat with the model in the terminal: type a message, the answer streams back; Ctrl-D ends.
 
@@ -137,7 +139,7 @@ def command(
         backend: Backend = HttpBackend(url)
     else:
         folder = model_dir or volume.require_stage(volume.home(root), "optimize", "run `olivepress optimize` first")
-        backend = LocalBackend(folder)
+        backend = LocalBackend(folder, threads)
     names = backend.models()
     model = model or (names[1] if len(names) > 1 else names[0])
     if model not in names and model != infer.BASE:

@@ -19,6 +19,8 @@ from stages import common, volume
 
 ADAPTER_SUFFIX = ".onnx_adapter"  # as optimize writes it; not imported from there to keep torch-side code out
 BASE = "none"  # the adapter name that means "base model, no adapter"
+# In model/ of a folder built with `optimize --adapter-mode merged`: the name of the adapter built into the graph.
+MERGED_ADAPTER_FILE = "olivepress_merged_adapter.txt"
 DEFAULT_PROMPTS = ("What is the best time of year to visit Paris?", "What should I pack for a week in Tokyo?")
 
 
@@ -32,10 +34,23 @@ class Answer:
     decode_tokens_per_s: float
 
 
+def threads_option(f):  # noqa: ANN001, ANN201 (a click decorator)
+    """``--threads``, shared by every command that loads an Engine."""
+    return click.option(
+        "--threads",
+        default=0,
+        type=click.IntRange(min=0),
+        show_default=True,
+        show_envvar=True,
+        help="CPU threads per generation step; 0 = one per core. (Left unset, onnxruntime-genai ran one thread: "
+        "half the decode speed on 2 cores.)",
+    )(f)
+
+
 class Engine:
     """One loaded model and its adapters; generate() streams tokens for one prompt."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, threads: int = 0) -> None:
         import onnxruntime_genai as og
 
         self.og = og
@@ -46,13 +61,25 @@ class Engine:
                 "run `olivepress optimize` or pass --model-dir with model/ and adapters/"
             )
         self.config = json.loads((model_dir / "genai_config.json").read_text())
-        self.model = og.Model(str(model_dir))
+        config = og.Config(str(model_dir))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = og.Adapters(self.model)
+        merged = model_dir / MERGED_ADAPTER_FILE
+        # A merged build serves its adapter's name and has no base to switch to.
+        self.has_base = not merged.is_file()
         files = sorted((folder / "adapters").glob(f"*{ADAPTER_SUFFIX}"))
         self.adapter_names = [p.name.removesuffix(ADAPTER_SUFFIX) for p in files]
         for name in self.adapter_names:
             self.adapters.load(str(folder / "adapters" / f"{name}{ADAPTER_SUFFIX}"), name)
+        if not self.has_base:
+            self.adapter_names = [merged.read_text().strip()]
+
+    @property
+    def names(self) -> list[str]:
+        """What a request may ask for: BASE (when there is one) and each adapter."""
+        return [BASE] * self.has_base + self.adapter_names
 
     def prompt_tokens(self, prompt: str) -> list[int]:
         return self.chat_tokens([{"role": "user", "content": prompt}])
@@ -75,9 +102,10 @@ class Engine:
         self, adapter: str, max_length: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None
     ):
         """A generator with ``adapter`` active (or none for BASE): greedy at temperature 0, else sampled."""
-        if adapter != BASE and adapter not in self.adapter_names:
-            known = ", ".join([BASE, *self.adapter_names])
-            raise volume.StageError(f"no adapter named {adapter!r}; choose one of: {known}")
+        if adapter not in self.names:
+            known = ", ".join(self.names)
+            merged = "" if self.has_base else " (its adapter is merged in; build with --adapter-mode switchable)"
+            raise volume.StageError(f"no adapter named {adapter!r} in this model{merged}; choose one of: {known}")
         params = self.og.GeneratorParams(self.model)
         if temperature > 0:
             options = {"max_length": max_length, "do_sample": True, "temperature": temperature, "top_p": top_p}
@@ -87,7 +115,7 @@ class Engine:
         else:
             params.set_search_options(max_length=max_length, do_sample=False)
         generator = self.og.Generator(self.model, params)
-        if adapter != BASE:
+        if adapter != BASE and self.has_base:
             generator.set_active_adapter(self.adapters, adapter)
         return generator
 
@@ -148,6 +176,7 @@ class Engine:
     type=click.Path(file_okay=False, path_type=Path),
     help="An optimize-layout folder (model/ + adapters/) [default: <home>/optimize].",
 )
+@threads_option
 def command(
     root: Path,
     force: bool,
@@ -155,6 +184,7 @@ def command(
     adapters: tuple[str, ...],
     max_new_tokens: int,
     model_dir: Path | None,
+    threads: int,
 ) -> None:
     """Generate answers with onnxruntime-genai on the CPU, with the adapter on and off.
 
@@ -167,8 +197,8 @@ def command(
       olivepress infer --model-dir ./pulled-model --adapter none
     """
     folder = model_dir or volume.require_stage(root, "optimize", "run `olivepress optimize` first")
-    engine = Engine(folder)
-    chosen = list(adapters) or [BASE, *engine.adapter_names]
+    engine = Engine(folder, threads)
+    chosen = list(adapters) or engine.names
     prompts = prompts or DEFAULT_PROMPTS
     parameters = {"prompts": list(prompts), "adapters": chosen, "max_new_tokens": max_new_tokens}
 

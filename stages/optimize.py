@@ -5,6 +5,11 @@ dequantized base with the adapter's LoRA branches, then ExtractAdapters moves
 the adapter weights out of the graph into inputs, so one base model serves
 any adapter of the same shape (or none).  Writes ``optimize/model`` (the
 onnxruntime-genai folder) and ``optimize/adapters/<name>.onnx_adapter``.
+
+``--adapter-mode merged`` skips ExtractAdapters: the LoRA branches stay in the
+graph as int4 constants, for a one-adapter deployment at base speed.  (Folding
+the adapter into the base weights instead would be erased by the int4
+rounding: the measured held-out loss was the base model's.)
 """
 
 from __future__ import annotations
@@ -18,9 +23,26 @@ import click
 from stages import common, volume
 from stages import evaluate as evaluate_
 from stages.finetune import HELDOUT
-from stages.infer import BASE
+from stages.infer import BASE, MERGED_ADAPTER_FILE
 
 ADAPTER_SUFFIX = ".onnx_adapter"
+LORA_PROJECTIONS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj")
+LORA_PROJECTIONS += ("mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
+
+
+def lora_matmul_names(num_layers: int) -> list[str]:
+    """Every name the model builder can give a LoRA branch's MatMul (it splits fused qkv/gate_up per projection).
+
+    A switchable adapter's weights become graph inputs, and an int4 MatMulNBits whose weights are an input cannot
+    be prepacked: that ran the adapter at 0.43x the base's decode speed, float LoRA weights at 0.85x (0.95B model,
+    2 cores; benchmarks/results/laptop_speed.md). Names absent from the graph are ignored by the quantizer.
+    """
+    return [
+        f"/model/layers.{i}/{projection}/lora_{ab}/MatMul"
+        for i in range(num_layers)
+        for projection in LORA_PROJECTIONS
+        for ab in "AB"
+    ]
 
 
 @common.stage_command("optimize")
@@ -44,6 +66,18 @@ ADAPTER_SUFFIX = ".onnx_adapter"
     "faster decode), or keep it float as the quantizers do (closer to the quantized model).",
 )
 @click.option(
+    "--int4-symmetric/--int4-asymmetric",
+    default=False,
+    help="Symmetric int4 blocks (no zero points: smaller, faster decode) or asymmetric (the quantizers' grid).",
+)
+@click.option(
+    "--adapter-mode",
+    type=click.Choice(["switchable", "merged"]),
+    default="switchable",
+    help="switchable: the adapter in its own file, chosen (or not) per request; merged: built into the graph, "
+    "always on, at base speed (one-adapter deployments).",
+)
+@click.option(
     "--int4-accuracy-level",
     type=click.IntRange(0, 4),
     default=4,
@@ -59,6 +93,8 @@ def command(
     adapter_name: str,
     int4_block_size: str,
     quantize_lm_head: bool,
+    int4_symmetric: bool,
+    adapter_mode: str,
     int4_accuracy_level: int,
     evaluate: bool,
 ) -> None:
@@ -80,20 +116,29 @@ def command(
         "adapter_name": adapter_name,
         "int4_block_size": int(int4_block_size),
         "quantize_lm_head": quantize_lm_head,
+        "int4_symmetric": int4_symmetric,
+        "adapter_mode": adapter_mode,
         "int4_accuracy_level": int4_accuracy_level,
         "evaluate": evaluate,
     }
+    switchable = adapter_mode == "switchable"
 
     def work(out: Path) -> dict:
         builder: dict = {"type": "ModelBuilder", "precision": precision}
         if precision == "int4":
             builder["int4_block_size"] = int(int4_block_size)
             builder["int4_accuracy_level"] = int4_accuracy_level
-            # Asymmetric blocks of the quantizer's group size: the closest grid to the one the weights are on.
-            builder["int4_is_symmetric"] = False
-            if not quantize_lm_head:
-                builder["int4_nodes_to_exclude"] = ["/lm_head/MatMul"]
-        passes = {"builder": builder, "extract_adapters": {"type": "ExtractAdapters"}}
+            # Asymmetric blocks of the quantizer's group size are the closest grid to the one the weights are on.
+            builder["int4_is_symmetric"] = int4_symmetric
+            exclude = [] if quantize_lm_head else ["/lm_head/MatMul"]
+            if switchable:
+                layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+                exclude += lora_matmul_names(layers)
+            if exclude:
+                builder["int4_nodes_to_exclude"] = exclude
+        passes: dict = {"builder": builder}
+        if switchable:
+            passes["extract_adapters"] = {"type": "ExtractAdapters"}
         model = {"model_path": str(base), "adapter_path": str(adapter), "load_kwargs": {"attn_implementation": "eager"}}
         with common.scratch(root, "optimize-") as tmp:
             # For the laptop's CPU, even when built on a GPU host (else genai_config asks for CUDA).
@@ -104,8 +149,11 @@ def command(
             # Olive's own bookkeeping (it names temp paths) is not part of the model.
             (output / "model_config.json").unlink(missing_ok=True)
             shutil.move(str(output), out / "model")
-        if not (out / "adapters" / f"{adapter_name}{ADAPTER_SUFFIX}").is_file():
+        if switchable and not (out / "adapters" / f"{adapter_name}{ADAPTER_SUFFIX}").is_file():
             raise click.ClickException("Olive wrote no adapter file; see the stage log")
+        if not switchable:
+            # What infer reads to serve the model under the adapter's name, with no base to switch to.
+            (out / "model" / MERGED_ADAPTER_FILE).write_text(adapter_name + "\n")
         extra: dict = {"adapters": [adapter_name]}
         heldout_file = adapter.parent / HELDOUT
         if evaluate and heldout_file.is_file() and heldout_file.stat().st_size:
@@ -113,8 +161,9 @@ def command(
             template = volume.read_manifest(adapter.parent)["parameters"]["text_template"]
             extra["metrics"] = {
                 "onnx_adapter": evaluate_.onnx_loss(out, rows, template, adapter_name),
-                "onnx_base": evaluate_.onnx_loss(out, rows, template, BASE),
             }
+            if switchable:
+                extra["metrics"]["onnx_base"] = evaluate_.onnx_loss(out, rows, template, BASE)
         return extra
 
     inputs = {"base": base, "adapter": adapter}

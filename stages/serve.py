@@ -108,10 +108,10 @@ class Service:
 
     @property
     def model_names(self) -> list[str]:
-        return [BASE_NAME, *self.engine.adapter_names]
+        return [BASE_NAME] * self.engine.has_base + self.engine.adapter_names
 
     def adapter_for(self, model: Any) -> str:
-        if model in (BASE_NAME, infer.BASE):
+        if model in (BASE_NAME, infer.BASE) and self.engine.has_base:
             return infer.BASE
         if isinstance(model, str) and model in self.engine.adapter_names:
             return model
@@ -444,6 +444,7 @@ def make_server(service: Service, host: str, port: int) -> ThreadingHTTPServer:
     help="New tokens per answer when a request sets no max_tokens (always capped by the context).",
 )
 @click.option("--token-delay-ms", default=0.0, type=click.FloatRange(min=0), hidden=True)
+@infer.threads_option
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def command(
     root: Path | None,
@@ -453,6 +454,7 @@ def command(
     max_concurrent: int,
     default_max_tokens: int,
     token_delay_ms: float,
+    threads: int,
     verbose: bool,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat completions, streaming, adapters by name).
@@ -471,7 +473,7 @@ def command(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     folder = model_dir or volume.require_stage(volume.home(root), "optimize", "run `olivepress optimize` first")
-    engine = infer.Engine(folder)  # a StageError (exit 2) names a folder that is not a model
+    engine = infer.Engine(folder, threads)  # a StageError (exit 2) names a folder that is not a model
     service = Service(engine, max_concurrent, default_max_tokens, token_delay_ms / 1000)
     try:
         server = make_server(service, host, port)

@@ -99,3 +99,39 @@ def test_optimize_before_finetune_says_what_to_run(tmp_path, tiny_run):
     shutil.copytree(tiny_run / "quantize", tmp_path / "quantize")
     result = CliRunner().invoke(optimize.command, ["--home", str(tmp_path)])
     assert result.exit_code == 2 and "run `olivepress finetune` first" in result.output
+
+
+def test_switchable_adapter_weights_stay_float_so_the_runtime_can_prepack_the_base(tiny_run):
+    import onnx
+
+    graph = onnx.load(str(tiny_run / "optimize" / "model" / "model.onnx"), load_external_data=False).graph
+    lora = [node for node in graph.node if "/lora_" in node.name]
+    assert lora and all(node.op_type == "MatMul" for node in lora), {node.op_type for node in lora}
+    assert any(node.op_type == "MatMulNBits" for node in graph.node)
+
+
+@pytest.fixture(scope="module")
+def merged_home(tiny_run, tmp_path_factory):
+    home = tmp_path_factory.mktemp("merged")
+    for stage in ("quantize", "finetune"):
+        shutil.copytree(tiny_run / stage, home / stage)
+    result = CliRunner().invoke(optimize.command, ["--home", str(home), "--adapter-mode", "merged"])
+    assert result.exit_code == 0, result.output
+    return home
+
+
+def test_merged_build_answers_as_the_adapter_and_keeps_what_finetuning_learned(merged_home, tiny_run):
+    from stages import infer
+
+    engine = infer.Engine(merged_home / "optimize")
+    assert engine.names == ["travel"] and not engine.has_base
+    assert not list((merged_home / "optimize" / "adapters").iterdir())
+    with pytest.raises(volume.StageError, match="merged in"):
+        engine.new_generator(infer.BASE, 8)
+    merged, ids = onnx_last_logits(merged_home / "optimize", None)
+    switchable, _ = onnx_last_logits(tiny_run / "optimize", "travel")
+    base, _ = onnx_last_logits(tiny_run / "optimize", None)
+    assert relative(merged, switchable) < relative(base, switchable) / 2
+    merged_loss = volume.read_manifest(merged_home / "optimize")["metrics"]["onnx_adapter"]["loss"]
+    quantized_loss = volume.read_manifest(tiny_run / "quantize")["metrics"]["quantized"]["loss"]
+    assert merged_loss < quantized_loss - 0.01, "the merged build lost the fine-tune"
