@@ -75,7 +75,7 @@ def lora_matmul_names(num_layers: int) -> list[str]:
     type=click.Choice(["switchable", "merged"]),
     default="switchable",
     help="switchable: the adapter in its own file, chosen (or not) per request; merged: built into the graph, "
-    "always on, at base speed (one-adapter deployments).",
+    "always on, at nearly base speed (one-adapter deployments).",
 )
 @click.option(
     "--int4-accuracy-level",
