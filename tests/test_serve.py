@@ -239,3 +239,22 @@ def test_the_image_entrypoint_dispatches_serve_chat_and_infer():
             [sys.executable, "-m", "stages.infer", verb, "--help"], capture_output=True, text=True, cwd=REPO
         ).stdout
         assert f"Usage: python -m stages.{verb}" in out
+
+
+def test_a_merged_build_serves_only_its_adapter_and_with_the_threads_asked_for(tiny_run, tmp_path):
+    from click.testing import CliRunner
+
+    from stages import optimize
+
+    for stage in ("quantize", "finetune"):
+        (tmp_path / stage).symlink_to(tiny_run / stage)
+    result = CliRunner().invoke(optimize.command, ["--home", str(tmp_path), "--adapter-mode", "merged"])
+    assert result.exit_code == 0, result.output
+    merged = Server(tmp_path / "optimize", "--threads", "1")
+    try:
+        assert [m.id for m in merged.client.models.list()] == ["travel"]
+        with pytest.raises(openai.BadRequestError, match="no model named 'base'"):
+            ask(merged.client, "base", max_tokens=4)
+        assert ask(merged.client, "travel", max_tokens=8).choices[0].message.content
+    finally:
+        merged.stop()
