@@ -273,7 +273,7 @@ def main() -> None:
     gguf = build_gguf(args.work)
 
     t = args.threads
-    rows = [  # (label, engine, model files for the size column)
+    rows = [  # (label, engine maker, files the size column counts)
         ("llama.cpp Q4_K_M", lambda: llama_engine(gguf["q4_k_m"], None, t), [gguf["q4_k_m"]]),
         ("llama.cpp Q4_K_M + LoRA GGUF", lambda: llama_engine(gguf["q4_k_m"], gguf["lora"], t), [gguf["lora"]]),
         ("llama.cpp Q4_0", lambda: llama_engine(gguf["q4_0"], None, t), [gguf["q4_0"]]),
@@ -282,37 +282,17 @@ def main() -> None:
             lambda: onnx_engine(builds["default"], infer.BASE, None),
             [],
         ),
-        (
-            "olivepress default, adapter off",
-            lambda: onnx_engine(builds["default"], infer.BASE, t),
-            [builds["default"] / "model"],
-        ),  # fmt: skip
-        (
-            "olivepress default, adapter on (switchable)",
-            lambda: onnx_engine(builds["default"], "travel", t),
-            [builds["default"] / "adapters"],
-        ),  # fmt: skip
-        (
-            "olivepress --adapter-mode merged",
-            lambda: onnx_engine(builds["merged"], "travel", t),
-            [builds["merged"] / "model"],
-        ),  # fmt: skip
-        (
-            "olivepress sym256, adapter off",
-            lambda: onnx_engine(builds["sym256"], infer.BASE, t),
-            [builds["sym256"] / "model"],
-        ),  # fmt: skip
-        (
-            "olivepress sym256, adapter on (switchable)",
-            lambda: onnx_engine(builds["sym256"], "travel", t),
-            [builds["sym256"] / "adapters"],
-        ),  # fmt: skip
-        (
-            "olivepress sym256 --adapter-mode merged",
-            lambda: onnx_engine(builds["sym256-merged"], "travel", t),
-            [builds["sym256-merged"] / "model"],
-        ),  # fmt: skip
     ]
+    onnx_rows = [  # (label, build, adapter, the part of the build the size column counts)
+        ("olivepress default, adapter off", "default", infer.BASE, "model"),
+        ("olivepress default, adapter on (switchable)", "default", "travel", "adapters"),
+        ("olivepress --adapter-mode merged", "merged", "travel", "model"),
+        ("olivepress sym256, adapter off", "sym256", infer.BASE, "model"),
+        ("olivepress sym256, adapter on (switchable)", "sym256", "travel", "adapters"),
+        ("olivepress sym256 --adapter-mode merged", "sym256-merged", "travel", "model"),
+    ]
+    for label, build, adapter, part in onnx_rows:
+        rows.append((label, functools.partial(onnx_engine, builds[build], adapter, t), [builds[build] / part]))
     engines = []
     for label, make, files in rows:
         print("loading", label, flush=True)

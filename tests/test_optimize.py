@@ -45,14 +45,18 @@ def relative(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.fixture(scope="module")
-def fp32_home(tiny_run, tmp_path_factory):
-    home = tmp_path_factory.mktemp("fp32")
+def optimize_a_copy(tiny_run, home, *options):
+    """optimize with other options on a copy of the tiny run's quantize and finetune stages."""
     for stage in ("quantize", "finetune"):
         shutil.copytree(tiny_run / stage, home / stage)
-    result = CliRunner().invoke(optimize.command, ["--home", str(home), "--precision", "fp32"])
+    result = CliRunner().invoke(optimize.command, ["--home", str(home), *options])
     assert result.exit_code == 0, result.output
     return home
+
+
+@pytest.fixture(scope="module")
+def fp32_home(tiny_run, tmp_path_factory):
+    return optimize_a_copy(tiny_run, tmp_path_factory.mktemp("fp32"), "--precision", "fp32")
 
 
 def test_fp32_export_matches_pytorch_with_and_without_the_adapter(fp32_home):
@@ -78,10 +82,7 @@ def test_int4_model_stays_close_and_the_adapter_moves_its_logits(tiny_run):
 
 
 def test_keeping_the_output_projection_float_brings_int4_closer(tiny_run, tmp_path):
-    for stage in ("quantize", "finetune"):
-        shutil.copytree(tiny_run / stage, tmp_path / stage)
-    result = CliRunner().invoke(optimize.command, ["--home", str(tmp_path), "--keep-lm-head"])
-    assert result.exit_code == 0, result.output
+    optimize_a_copy(tiny_run, tmp_path, "--keep-lm-head")
     off, ids = onnx_last_logits(tmp_path / "optimize", None)
     torch_off, _ = torch_last_logits(tmp_path, ids)
     default_off, _ = onnx_last_logits(tiny_run / "optimize", None)
@@ -112,12 +113,7 @@ def test_switchable_adapter_weights_stay_float_so_the_runtime_can_prepack_the_ba
 
 @pytest.fixture(scope="module")
 def merged_home(tiny_run, tmp_path_factory):
-    home = tmp_path_factory.mktemp("merged")
-    for stage in ("quantize", "finetune"):
-        shutil.copytree(tiny_run / stage, home / stage)
-    result = CliRunner().invoke(optimize.command, ["--home", str(home), "--adapter-mode", "merged"])
-    assert result.exit_code == 0, result.output
-    return home
+    return optimize_a_copy(tiny_run, tmp_path_factory.mktemp("merged"), "--adapter-mode", "merged")
 
 
 def test_merged_build_answers_as_the_adapter_and_keeps_what_finetuning_learned(merged_home, tiny_run):
