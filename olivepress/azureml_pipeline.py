@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from olivepress import azureml
+from olivepress.diverting import DivertingCommand
 from stages import volume
 
 if TYPE_CHECKING:
@@ -497,30 +498,10 @@ def status_azureml(
     sys.exit(1 if status in FAILED else 0)
 
 
-def _pop_on(args: list[str]) -> tuple[str | None, list[str]]:
-    """``--on WHERE`` / ``--on=WHERE`` taken out of raw args (the last one wins), and the rest."""
-    where, rest, i = None, [], 0
-    while i < len(args):
-        if args[i] == "--on" and i + 1 < len(args):
-            where, i = args[i + 1], i + 2
-        elif args[i].startswith("--on="):
-            where, i = args[i].partition("=")[2], i + 1
-        else:
-            rest.append(args[i])
-            i += 1
-    return where, rest
-
-
-class _OnCommand(click.Command):
+class _OnCommand(DivertingCommand):
     """A local command that hands its arguments to ``remote`` when given ``--on azureml``."""
 
     def __init__(self, local: click.Command, remote: click.Command) -> None:
-        inner = local.callback
-        assert inner is not None
-
-        def callback(on: str = "local", **kwargs: Any) -> Any:
-            return inner(**kwargs)
-
         option = click.Option(
             ["--on"],
             type=click.Choice(["local", "azureml"]),
@@ -528,30 +509,15 @@ class _OnCommand(click.Command):
             show_default=True,
             help="Where: this machine, or an Azure ML workspace (`--on azureml --help` for its options).",
         )
-        super().__init__(
-            name=local.name,
-            context_settings=local.context_settings,
-            callback=callback,
-            params=[*local.params, option],
-            help=local.help,
-            epilog=local.epilog,
-            short_help=local.short_help,
-            add_help_option=local.add_help_option,
-        )
+        super().__init__(local, option)
         self.remote = remote
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        where, rest = _pop_on(list(args))
-        if where == "azureml":
-            ctx.meta["olivepress.on"] = rest
-            return []
-        return super().parse_args(ctx, args)
+    def diverts(self, value: str | None, rest: list[str]) -> bool:
+        return value == "azureml"
 
-    def invoke(self, ctx: click.Context) -> Any:
-        if "olivepress.on" not in ctx.meta:
-            return super().invoke(ctx)
+    def divert(self, ctx: click.Context, value: str, rest: list[str]) -> Any:
         # The remote command parses, reports errors and exits with its own codes (2 usage, 3 credentials).
-        return self.remote.main(ctx.meta["olivepress.on"], prog_name=f"{ctx.command_path} --on azureml")
+        return self.remote.main(rest, prog_name=f"{ctx.command_path} --on azureml")
 
 
 def with_on_azureml(local: click.Command, remote: click.Command) -> click.Command:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from olivepress.diverting import DivertingCommand, pop_option
+
 if TYPE_CHECKING:  # the SDK is imported lazily: `olivepress --help` must work without it
     import docker
 
@@ -374,23 +376,6 @@ def report(results: Sequence[StageResult], console: Any, wall: float, compose_co
     return 0
 
 
-def _pop_option(args: list[str], *names: str) -> tuple[str | None, list[str]]:
-    """Remove ``--name VALUE`` / ``--name=VALUE`` from raw args; return the (last) value and the rest."""
-    value, rest, i = None, [], 0
-    while i < len(args):
-        arg = args[i]
-        if arg in names and i + 1 < len(args):
-            value, i = args[i + 1], i + 2
-            continue
-        key, eq, val = arg.partition("=")
-        if eq and key in names:
-            value, i = val, i + 1
-            continue
-        rest.append(arg)
-        i += 1
-    return value, rest
-
-
 def infer_image(
     image: str,
     home: Path,
@@ -437,28 +422,21 @@ def infer_image(
         container.remove(force=True)
 
 
-class _ImageAwareCommand(click.Command):
+class _ImageAwareCommand(DivertingCommand):
     """A stage command that, given ``--image IMAGE``, runs itself in that image instead of in this process.
 
     The raw arguments go to the container unchanged, except ``--home`` (mounted at /workspace) and
     ``--model-dir`` (mounted read-only), which are host paths.
     """
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        image, rest = _pop_option(list(args), "--image")
-        if image is None or any(a in ("-h", "--help") for a in rest):
-            return super().parse_args(ctx, args)
-        ctx.meta["olivepress.image"] = (image, rest)
-        return []
+    def diverts(self, value: str | None, rest: list[str]) -> bool:
+        return value is not None and not any(a in ("-h", "--help") for a in rest)
 
-    def invoke(self, ctx: click.Context) -> Any:
-        if "olivepress.image" not in ctx.meta:
-            return super().invoke(ctx)
-        image, rest = ctx.meta["olivepress.image"]
-        home, rest = _pop_option(rest, "--home")
-        model_dir, rest = _pop_option(rest, "--model-dir")
+    def divert(self, ctx: click.Context, value: str, rest: list[str]) -> Any:
+        home, rest = pop_option(rest, "--home")
+        model_dir, rest = pop_option(rest, "--model-dir")
         home_dir = Path(home or os.environ.get("OLIVEPRESS_HOME") or "artifacts")
-        code = infer_image(image, home_dir, rest, model_dir=Path(model_dir) if model_dir else None)
+        code = infer_image(value, home_dir, rest, model_dir=Path(model_dir) if model_dir else None)
         ctx.exit(code)
 
 
@@ -468,30 +446,12 @@ def with_image_option(command: click.Command) -> click.Command:
     For the infer stage: ``main.add_command(images.with_image_option(infer.command), "infer")`` gives
     ``olivepress infer --image olivepress/infer:latest --home ./artifacts``.
     """
-    inner = command.callback
-    assert inner is not None
-
-    def callback(image: str | None = None, **kwargs: Any) -> Any:
-        return inner(**kwargs)
-
     option = click.Option(
         ["--image"],
         metavar="IMAGE",
         help="Run this stage in IMAGE (e.g. olivepress/infer:latest) on the --home folder, instead of here.",
     )
-    return _ImageAwareCommand(
-        name=command.name,
-        context_settings=command.context_settings,
-        callback=callback,
-        params=[*command.params, option],
-        help=command.help,
-        epilog=command.epilog,
-        short_help=command.short_help,
-        add_help_option=command.add_help_option,
-        no_args_is_help=command.no_args_is_help,
-        hidden=command.hidden,
-        deprecated=command.deprecated,
-    )
+    return _ImageAwareCommand(command, option)
 
 
 @click.command("infer-image")
