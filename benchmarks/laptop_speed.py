@@ -23,7 +23,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -32,11 +31,12 @@ import sys
 import tarfile
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from serve_overhead import machine, versions  # noqa: E402 (this folder: the script's own)
 
 from stages import infer  # noqa: E402
 
@@ -44,6 +44,7 @@ CONFIG = REPO / "configs" / "phi3-0.95b.json"
 LLAMA_CPP_VERSION = "0.3.36"
 PROMPT = [(i * 37) % 4000 + 10 for i in range(32)]  # token ids both engines take as they are
 NEW_TOKENS = 128
+VERSIONS = ("onnxruntime-genai", "onnxruntime", "llama_cpp_python", "olive-ai", "torch", "transformers")
 PAUSE_S = 0.5  # lets the last engine's spinning worker threads go idle before the next one starts
 # optimize variants: name -> extra options (the stage's defaults otherwise)
 BUILDS = {
@@ -160,10 +161,7 @@ def onnx_model(folder: Path, threads: int | None):  # noqa: ANN201 (onnxruntime_
     """One og.Model (and its adapters) per build and thread setting; None leaves the thread count unset."""
     import onnxruntime_genai as og
 
-    config = og.Config(str(folder / "model"))
-    if threads is not None:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
+    model = og.Model(infer.og_config(folder / "model", threads))
     adapters = og.Adapters(model)
     for f in (folder / "adapters").glob("*.onnx_adapter"):
         adapters.load(str(f), f.name.removesuffix(".onnx_adapter"))
@@ -226,30 +224,6 @@ def llama_engine(model: Path, lora: Path | None, threads: int) -> Timer:
         return first - start, (n - 1) / (end - first)
 
     return once
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {os.cpu_count()} logical cores, {memory:.0f} GiB RAM, {platform.system()} {platform.release()}"
-
-
-def versions() -> str:
-    names = ("onnxruntime-genai", "onnxruntime", "llama_cpp_python", "olive-ai", "torch", "transformers")
-    found = []
-    for name in names:
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            pass
-    return f"Python {platform.python_version()}, " + ", ".join(found)
 
 
 def size_mb(*paths: Path) -> float:
@@ -316,7 +290,7 @@ def main() -> None:
         "",
         f"Command: `python {shlex.join(sys.argv)}`  ",
         f"Machine: {machine()}  ",
-        f"Versions: {versions()}  ",
+        f"Versions: {versions(*VERSIONS)}  ",
         f"Date: {started}",
         "",
         f"Model: random weights in {CONFIG.relative_to(REPO)} (Phi-3 architecture, 0.95B parameters), RTN 4-bit "

@@ -150,9 +150,14 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores{mem}, {platform.system()} {platform.release()}{load}"
 
 
-def versions() -> str:
-    names = ("onnxruntime-genai", "onnxruntime", "numpy")
-    found = [f"{n} {metadata.version(n)}" for n in names]
+def versions(*names: str) -> str:
+    """Python's and each installed package's version (a package not installed is left out)."""
+    found = []
+    for name in names or ("onnxruntime-genai", "onnxruntime", "numpy"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
     return ", ".join([f"Python {platform.python_version()}", *found])
 
 
@@ -173,9 +178,7 @@ def measure(folder: Path, repeats: int, max_new: int, adapter: str | None) -> tu
     adapter = adapter or (engine.adapter_names[0] if engine.adapter_names else infer.BASE)
     # The bare loop gets its own model, as app.py would load it, with the same thread setting as the Engine and the
     # server: unset, onnxruntime-genai runs one thread, and the comparison would be of thread counts.
-    config = og.Config(str(folder / "model"))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 0}}}}))
-    model = og.Model(config)
+    model = og.Model(infer.og_config(folder / "model", 0))
     tokenizer = og.Tokenizer(model)
     adapters = og.Adapters(model)
     for name in engine.adapter_names:
@@ -207,6 +210,8 @@ def table(rows: list[tuple[str, list[Run]]]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     base = [r.decode_tps for r in rows[0][1]]
+    if not min(base):
+        raise click.UsageError("a run showed too little text to time its decode; raise --max-new-tokens")
     for name, runs in rows:
         tps = [r.decode_tps for r in runs]
         med, best = statistics.median(tps), max(tps)

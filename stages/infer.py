@@ -47,6 +47,17 @@ def threads_option(f):  # noqa: ANN001, ANN201 (a click decorator)
     )(f)
 
 
+def og_config(model_dir: Path, threads: int | None = 0):  # noqa: ANN201 (an onnxruntime_genai.Config)
+    """The model folder's onnxruntime-genai config with ``threads`` intra-op threads (0: one per core; None: as the
+    folder says, which onnxruntime-genai ran as one thread)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    if threads is not None:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return config
+
+
 class Engine:
     """One loaded model and its adapters; generate() streams tokens for one prompt."""
 
@@ -61,19 +72,18 @@ class Engine:
                 "run `olivepress optimize` or pass --model-dir with model/ and adapters/"
             )
         self.config = json.loads((model_dir / "genai_config.json").read_text())
-        config = og.Config(str(model_dir))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-        self.model = og.Model(config)
+        self.model = og.Model(og_config(model_dir, threads))
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = og.Adapters(self.model)
         merged = model_dir / MERGED_ADAPTER_FILE
         # A merged build serves its adapter's name and has no base to switch to.
         self.has_base = not merged.is_file()
-        files = sorted((folder / "adapters").glob(f"*{ADAPTER_SUFFIX}"))
-        self.adapter_names = [p.name.removesuffix(ADAPTER_SUFFIX) for p in files]
-        for name in self.adapter_names:
-            self.adapters.load(str(folder / "adapters" / f"{name}{ADAPTER_SUFFIX}"), name)
-        if not self.has_base:
+        if self.has_base:
+            files = sorted((folder / "adapters").glob(f"*{ADAPTER_SUFFIX}"))
+            self.adapter_names = [p.name.removesuffix(ADAPTER_SUFFIX) for p in files]
+            for name in self.adapter_names:
+                self.adapters.load(str(folder / "adapters" / f"{name}{ADAPTER_SUFFIX}"), name)
+        else:
             self.adapter_names = [merged.read_text().strip()]
 
     @property

@@ -7,7 +7,7 @@ any adapter of the same shape (or none).  Writes ``optimize/model`` (the
 onnxruntime-genai folder) and ``optimize/adapters/<name>.onnx_adapter``.
 
 ``--adapter-mode merged`` skips ExtractAdapters: the LoRA branches stay in the
-graph as int4 constants, for a one-adapter deployment at base speed.  (Folding
+graph as int4 constants, for a one-adapter deployment at nearly base speed.  (Folding
 the adapter into the base weights instead would be erased by the int4
 rounding: the measured held-out loss was the base model's.)
 """
@@ -34,7 +34,7 @@ def lora_matmul_names(num_layers: int) -> list[str]:
     """Every name the model builder can give a LoRA branch's MatMul (it splits fused qkv/gate_up per projection).
 
     A switchable adapter's weights become graph inputs, and an int4 MatMulNBits whose weights are an input cannot
-    be prepacked: that ran the adapter at 0.43x the base's decode speed, float LoRA weights at 0.85x (0.95B model,
+    be prepacked: that ran the adapter at 0.43x the base's decode speed, float LoRA weights at 0.79x (0.95B model,
     2 cores; benchmarks/results/laptop_speed.md). Names absent from the graph are ignored by the quantizer.
     """
     return [
@@ -128,7 +128,7 @@ def command(
         if precision == "int4":
             builder["int4_block_size"] = int(int4_block_size)
             builder["int4_accuracy_level"] = int4_accuracy_level
-            # Asymmetric blocks of the quantizer's group size are the closest grid to the one the weights are on.
+            # The default, asymmetric blocks of the quantizer's group size, is the closest grid to the weights' own.
             builder["int4_is_symmetric"] = int4_symmetric
             exclude = [] if quantize_lm_head else ["/lm_head/MatMul"]
             if switchable:
