@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 
 import click
 
-from stages import volume
+from contract import volume
+from contract.exits import BadInput
 
 log = logging.getLogger("olivepress")
 
@@ -196,12 +197,12 @@ def require_optimized(root: Path) -> dict[str, Any]:
     folder = volume.stage_dir(root, "optimize")
     manifest = volume.read_manifest(folder)
     if manifest is None:
-        raise volume.StageError(
+        raise BadInput(
             f"nothing to push: {folder} has no manifest.json; run `olivepress optimize` (or `olivepress run`) first, "
             f"or point --home at the volume that has it"
         )
     if manifest.get("schema") != volume.SCHEMA or manifest.get("stage") != "optimize" or "outputs" not in manifest:
-        raise volume.StageError(f"{folder / volume.MANIFEST} is not an olivepress optimize manifest (schema 1)")
+        raise BadInput(f"{folder / volume.MANIFEST} is not an olivepress optimize manifest (schema 1)")
     return manifest
 
 
@@ -210,11 +211,9 @@ def verify_files(folder: Path, outputs: dict[str, str]) -> None:
     for rel, expected in outputs.items():
         path = folder / rel
         if not path.is_file():
-            raise volume.StageError(
-                f"{path} is listed in the manifest but missing; rerun `olivepress optimize --force`"
-            )
+            raise BadInput(f"{path} is listed in the manifest but missing; rerun `olivepress optimize --force`")
         if volume.sha256_file(path) != expected:
-            raise volume.StageError(
+            raise BadInput(
                 f"{path} changed since optimize wrote it (sha256 differs from the manifest); "
                 f"rerun `olivepress optimize --force`"
             )
@@ -574,7 +573,7 @@ def verify_download(folder: Path) -> dict[str, Any]:
     """The downloaded folder's manifest, once every file it lists is there with its sha256 and nothing else is."""
     manifest = volume.read_manifest(folder)
     if manifest is None or manifest.get("stage") != "optimize" or "outputs" not in manifest:
-        raise volume.StageError(
+        raise BadInput(
             "the downloaded model has no olivepress optimize manifest.json: it was not pushed by `olivepress push`"
         )
     for rel, expected in manifest["outputs"].items():

@@ -45,9 +45,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from contract import volume
 from olivepress import azureml
 from olivepress.diverting import DivertingCommand
-from stages import volume
 
 if TYPE_CHECKING:
     from azure.ai.ml import MLClient

@@ -11,16 +11,11 @@ from pathlib import Path
 
 import click
 
-from stages import volume
+from contract import registry, volume
+from contract.exits import BadInput
 
 # Each scored model, in pipeline order: (stage whose manifest has it, key in its metrics, label).
-POINTS = (
-    ("quantize", "base", "base"),
-    ("quantize", "quantized", "quantized"),
-    ("finetune", "finetuned", "finetuned (PyTorch + LoRA)"),
-    ("optimize", "onnx_base", "ONNX int4, adapter off"),
-    ("optimize", "onnx_adapter", "ONNX int4, adapter on"),
-)
+POINTS = registry.report_points()
 
 
 def run_figures(root: Path) -> dict[str, dict[str, float]]:
@@ -98,7 +93,7 @@ def command(root: Path | None, others: tuple[Path, ...], output: Path) -> None:
     for home in homes:
         figures = run_figures(home)
         if not figures:
-            raise volume.StageError(f"{home} has no held-out figures: run the stages with --evaluate (the default)")
+            raise BadInput(f"{home} has no held-out figures: run the stages with --evaluate (the default)")
         runs[home.name if home.name not in runs else str(home)] = figures
     output.mkdir(parents=True, exist_ok=True)
     table = markdown(runs)
@@ -107,8 +102,12 @@ def command(root: Path | None, others: tuple[Path, ...], output: Path) -> None:
     click.echo(table)
     click.echo(f"wrote {output / 'report.md'} and {output / 'report.png'}")
     for name, figures in runs.items():
-        if "quantized" in figures and "finetuned (PyTorch + LoRA)" in figures:
-            change = figures["finetuned (PyTorch + LoRA)"]["loss"] - figures["quantized"]["loss"]
+        quantized, finetuned = (
+            registry.STAGES["quantize"].metrics["quantized"],
+            registry.STAGES["finetune"].metrics["finetuned"],
+        )
+        if quantized in figures and finetuned in figures:
+            change = figures[finetuned]["loss"] - figures[quantized]["loss"]
             click.echo(
                 f"{name}: finetuning changed held-out loss by {change:+.4f} nats ({math.exp(-change):.3f}x likelihood)"
             )

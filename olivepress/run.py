@@ -21,15 +21,7 @@ from rich.live import Live
 from rich.spinner import Spinner
 from rich.table import Table
 
-from stages import volume
-
-# Shortcut options of `run`, and the stage variables they set.
-SHORTCUTS = {
-    "model": ["OLIVEPRESS_QUANTIZE_MODEL"],
-    "algorithm": ["OLIVEPRESS_QUANTIZE_ALGORITHM"],
-    "data_files": ["OLIVEPRESS_QUANTIZE_CALIBRATION_DATA", "OLIVEPRESS_FINETUNE_DATA_FILES"],
-    "max_steps": ["OLIVEPRESS_FINETUNE_MAX_STEPS"],
-}
+from contract import registry, volume
 
 
 def _table(states: dict[str, tuple[str, str]]) -> Table:
@@ -44,7 +36,9 @@ def run_stage_process(stage: str, root: Path, force: bool, env: dict[str, str]) 
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     console_log = logs / f"{stage}.console.txt"
-    command = [sys.executable, "-m", f"stages.{stage}", "--home", str(root)] + (["--force"] if force else [])
+    command = [sys.executable, "-m", registry.STAGES[stage].module, "--home", str(root)] + (
+        ["--force"] if force else []
+    )
     with console_log.open("w") as out:
         process = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     return process.returncode, console_log
@@ -96,11 +90,11 @@ def command(
         "max_steps": max_steps,
     }.items():
         if value is not None:
-            env.update(dict.fromkeys(SHORTCUTS[name], str(value)))
+            env.update(dict.fromkeys(registry.run_shortcuts()[name], str(value)))
     console = Console(stderr=True)
-    states = {stage: ("waiting", "") for stage in volume.STAGES}
+    states = {stage: ("waiting", "") for stage in registry.NAMES}
     with Live(_table(states), console=console, refresh_per_second=8, transient=False) as live:
-        for stage in volume.STAGES:
+        for stage in registry.NAMES:
             before = volume.read_manifest(volume.stage_dir(root, stage))
             states[stage] = ("running", f"log: {root / 'logs' / (stage + '.console.txt')}")
             live.update(_table(states))
@@ -126,7 +120,7 @@ def command(
             else:
                 states[stage] = ("done", f"{after['wall_s']:.1f} s, {after['bytes_out'] / 1e6:.1f} MB")
             live.update(_table(states))
-    answers = json.loads((volume.stage_dir(root, "infer") / "answers.json").read_text())
+    answers = json.loads(volume.output(root, "infer", "answers").read_text())
     for answer in answers:
         click.echo(f"\n[{answer['adapter']}] {answer['prompt']}\n{answer['text'].strip()}")
     click.echo(f"\nEverything is under {root}; `olivepress status` lists it.")

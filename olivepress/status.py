@@ -10,20 +10,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from stages import volume
-
-# The parameters worth a glance, per stage; the manifest has them all.
-KEY_PARAMETERS = {
-    "quantize": ("algorithm", "bits", "group_size"),
-    "finetune": ("method", "max_steps", "rank", "learning_rate"),
-    "optimize": ("precision", "adapter_name"),
-    "infer": ("max_new_tokens",),
-}
+from contract import registry, volume
 
 
 def summary(root: Path) -> list[dict[str, Any]]:
     rows = []
-    for stage in volume.STAGES:
+    for stage in registry.NAMES:
         manifest = volume.read_manifest(volume.stage_dir(root, stage))
         failed = (root / f"{stage}.failed.log").is_file()
         if manifest is None:
@@ -37,7 +29,7 @@ def summary(root: Path) -> list[dict[str, Any]]:
                 "ended": manifest["ended"],
                 "wall_s": manifest["wall_s"],
                 "bytes_out": manifest["bytes_out"],
-                "parameters": {k: parameters[k] for k in KEY_PARAMETERS[stage] if k in parameters},
+                "parameters": {k: parameters[k] for k in registry.STAGES[stage].shown if k in parameters},
                 "metrics": manifest.get("metrics", {}),
             }
         )

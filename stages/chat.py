@@ -17,7 +17,8 @@ from typing import Protocol
 
 import click
 
-from stages import infer, volume
+from contract import model_folder, volume
+from stages import infer
 
 HELP = "commands: /model NAME (switch adapter), /models, /reset (forget the conversation), /quit (or Ctrl-D)"
 
@@ -37,10 +38,10 @@ class LocalBackend:
         self.engine = infer.Engine(folder, threads)
 
     def models(self) -> list[str]:
-        return ["base"] * self.engine.has_base + self.engine.adapter_names
+        return self.engine.names
 
     def reply(self, messages: list[dict[str, str]], model: str, max_tokens: int, temperature: float) -> Iterator[str]:
-        adapter = infer.BASE if model in ("base", infer.BASE) else model
+        adapter = model
         ids = self.engine.chat_tokens(messages)
         # The oldest turns go first when the conversation outgrows the context (the latest turn always stays).
         while len(ids) + max_tokens > self.engine.context_length and len(messages) > 2:
@@ -138,11 +139,11 @@ def command(
     if url:
         backend: Backend = HttpBackend(url)
     else:
-        folder = model_dir or volume.require_stage(volume.home(root), "optimize", "run `olivepress optimize` first")
+        folder = model_dir or volume.published(volume.home(root), "optimize")
         backend = LocalBackend(folder, threads)
     names = backend.models()
     model = model or (names[1] if len(names) > 1 else names[0])
-    if model not in names and model != infer.BASE:
+    if model not in names and model not in model_folder.BASE_ALIASES:
         raise click.BadParameter(f"no model named {model!r}; choose one of: {', '.join(names)}", param_hint="--model")
     interactive = sys.stdin.isatty()
     click.secho(f"chatting with {model} (models: {', '.join(names)}); {HELP}", dim=True, err=True)
@@ -167,7 +168,7 @@ def command(
                 click.secho("(conversation forgotten)", dim=True, err=True)
             elif word == "/models":
                 click.echo(", ".join(names))
-            elif word == "/model" and arg.strip() in (*names, infer.BASE):
+            elif word == "/model" and arg.strip() in (*names, *model_folder.BASE_ALIASES):
                 model = arg.strip()
                 click.secho(f"(now {model})", dim=True, err=True)
             else:

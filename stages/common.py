@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from stages import volume
+from contract import volume
 
 # Packages whose versions every torch-side stage records in its manifest.
 _console = {"verbose": False}

@@ -13,7 +13,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.volume import StageError
+from contract.exits import BadInput
 
 # The lab's Phi-3 chat text template (olive finetune --text_template).
 DEFAULT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
@@ -34,17 +34,17 @@ def template_fields(template: str) -> list[str]:
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as err:
-        raise StageError(f"text template {template!r} is malformed ({err}); use fields like {{prompt}}") from None
+        raise BadInput(f"text template {template!r} is malformed ({err}); use fields like {{prompt}}") from None
     if not fields or any(not f.isidentifier() for f in fields):
-        raise StageError(f"text template {template!r} must name row fields like {{prompt}} and {{response}}")
+        raise BadInput(f"text template {template!r} must name row fields like {{prompt}} and {{response}}")
     return fields
 
 
 def load_dataset(path: str | Path, template: str = DEFAULT_TEMPLATE) -> Dataset:
-    """Parse and check every row; raise one StageError that lists each bad line and the fix."""
+    """Parse and check every row; raise one BadInput that lists each bad line and the fix."""
     path = Path(path)
     if not path.is_file():
-        raise StageError(f"data file {path} does not exist; pass --data-files with a JSONL file")
+        raise BadInput(f"data file {path} does not exist; pass --data-files with a JSONL file")
     raw = path.read_bytes()
     fields = template_fields(template)
     rows, problems = [], []
@@ -70,19 +70,19 @@ def load_dataset(path: str | Path, template: str = DEFAULT_TEMPLATE) -> Dataset:
             rows.append({f: str(row[f]) for f in fields})
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise StageError(
+        raise BadInput(
             f"{path}: {len(problems)} bad row(s); each row must be a JSON object with non-empty "
             f"{', '.join(fields)} (the fields of the text template):\n  {shown}"
         )
     if not rows:
-        raise StageError(f"{path} has no rows; it needs JSON lines with {', '.join(fields)}")
+        raise BadInput(f"{path} has no rows; it needs JSON lines with {', '.join(fields)}")
     return Dataset(rows=rows, template=template, sha256=hashlib.sha256(raw).hexdigest())
 
 
 def split(dataset: Dataset, heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic train / held-out row indices."""
     if not 0 <= heldout_fraction < 1:
-        raise StageError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
+        raise BadInput(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
     order = list(range(len(dataset.rows)))
     random.Random(seed).shuffle(order)
     n_heldout = round(len(order) * heldout_fraction)

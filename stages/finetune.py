@@ -17,18 +17,20 @@ from pathlib import Path
 
 import click
 
-from stages import common, data, volume
+from contract import registry, volume
+from contract.exits import BadInput
+from stages import common, data
 from stages import evaluate as evaluate_
 
 log = logging.getLogger("olivepress")
-HELDOUT = "heldout.jsonl"  # in the finetune folder: the rows every later stage scores on
+OUTPUTS = registry.STAGES["finetune"].outputs
 
 
 def resolve_processes(value: str) -> int:
     if value == "all":
         return max(1, common.gpu_count())
     if not value.isdigit() or int(value) < 1:
-        raise volume.StageError(f"--processes must be a whole number of at least 1, or 'all'; got {value!r}")
+        raise BadInput(f"--processes must be a whole number of at least 1, or 'all'; got {value!r}")
     return int(value)
 
 
@@ -141,8 +143,8 @@ def command(
     dataset = data.load_dataset(data_files, text_template)  # every row checked before any compute
     train_idx, heldout_idx = data.split(dataset, heldout_fraction, seed)
     if method == "qlora" and not common.has_cuda():
-        raise volume.StageError("--method qlora needs a CUDA GPU (bitsandbytes); on a CPU use --method lora")
-    base = volume.require_stage(root, "quantize", "run `olivepress quantize` first") / "dequantized"
+        raise BadInput("--method qlora needs a CUDA GPU (bitsandbytes); on a CPU use --method lora")
+    base = volume.upstream(root, "finetune", "quantize", "dequantized")
     dtype = common.resolve_dtype(torch_dtype)
     parameters = {
         "method": method,
@@ -211,21 +213,23 @@ def command(
                 "data_configs": [train_data],
             }
             adapter_dir = train(job) if processes == 1 else train_distributed(job, processes)
-            shutil.move(str(adapter_dir), out / "adapter")
+            shutil.move(str(adapter_dir), out / OUTPUTS["adapter"])
         # Paths on this machine would make identical runs differ: name the base by its place on the volume.
-        config_file = out / "adapter" / "adapter_config.json"
+        config_file = out / OUTPUTS["adapter"] / "adapter_config.json"
         config = json.loads(config_file.read_text())
-        config["base_model_name_or_path"] = "quantize/dequantized"
+        config["base_model_name_or_path"] = base.relative_to(root).as_posix()
         if isinstance(config.get("target_modules"), list):  # PEFT writes a set in hash order
             config["target_modules"] = sorted(config["target_modules"])
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (out / "adapter" / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
+        (out / OUTPUTS["adapter"] / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
         # The held-out rows travel with the adapter: optimize scores the ONNX model on exactly these.
         heldout = [dataset.rows[i] for i in heldout_idx]
-        write_rows(heldout, out / HELDOUT)
+        write_rows(heldout, out / OUTPUTS["heldout"])
         extra: dict = {"split": split_record, "world_size": processes}
         if evaluate and heldout:
-            extra["metrics"] = {"finetuned": evaluate_.torch_loss(base, heldout, text_template, out / "adapter")}
+            extra["metrics"] = {
+                "finetuned": evaluate_.torch_loss(base, heldout, text_template, out / OUTPUTS["adapter"])
+            }
         return extra
 
     inputs = {"base": base, "data_files": data_files}

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import click
 
-from stages import common, volume
+from contract import model_folder, volume
+from contract.exits import BadInput
+from stages import common
 
-ADAPTER_SUFFIX = ".onnx_adapter"  # as optimize writes it; not imported from there to keep torch-side code out
-BASE = "none"  # the adapter name that means "base model, no adapter"
-# In model/ of a folder built with `optimize --adapter-mode merged`: the name of the adapter built into the graph.
-MERGED_ADAPTER_FILE = "olivepress_merged_adapter.txt"
+BASE = model_folder.BASE
 DEFAULT_PROMPTS = ("What is the best time of year to visit Paris?", "What should I pack for a week in Tokyo?")
 
 
@@ -65,26 +64,25 @@ class Engine:
         import onnxruntime_genai as og
 
         self.og = og
-        model_dir = folder / "model"
-        if not (model_dir / "genai_config.json").is_file():
-            raise volume.StageError(
+        model_dir = model_folder.model_dir(folder)
+        if not model_folder.is_model_folder(folder):
+            raise BadInput(
                 f"{folder} is not an optimized model folder (no model/genai_config.json); "
                 "run `olivepress optimize` or pass --model-dir with model/ and adapters/"
             )
-        self.config = json.loads((model_dir / "genai_config.json").read_text())
+        self.config = json.loads((model_dir / model_folder.GENAI_CONFIG).read_text())
         self.model = og.Model(og_config(model_dir, threads))
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = og.Adapters(self.model)
-        merged = model_dir / MERGED_ADAPTER_FILE
+        merged = model_folder.merged_adapter(folder)
         # A merged build serves its adapter's name and has no base to switch to.
-        self.has_base = not merged.is_file()
+        self.has_base = merged is None
         if self.has_base:
-            files = sorted((folder / "adapters").glob(f"*{ADAPTER_SUFFIX}"))
-            self.adapter_names = [p.name.removesuffix(ADAPTER_SUFFIX) for p in files]
+            self.adapter_names = model_folder.adapter_names(folder)
             for name in self.adapter_names:
-                self.adapters.load(str(folder / "adapters" / f"{name}{ADAPTER_SUFFIX}"), name)
+                self.adapters.load(str(model_folder.adapter_file(folder, name)), name)
         else:
-            self.adapter_names = [merged.read_text().strip()]
+            self.adapter_names = [merged]
 
     @property
     def names(self) -> list[str]:
@@ -112,10 +110,11 @@ class Engine:
         self, adapter: str, max_length: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None
     ):
         """A generator with ``adapter`` active (or none for BASE): greedy at temperature 0, else sampled."""
+        adapter = BASE if adapter in model_folder.BASE_ALIASES else adapter
         if adapter not in self.names:
             known = ", ".join(self.names)
             merged = "" if self.has_base else " (its adapter is merged in; build with --adapter-mode switchable)"
-            raise volume.StageError(f"no adapter named {adapter!r} in this model{merged}; choose one of: {known}")
+            raise BadInput(f"no adapter named {adapter!r} in this model{merged}; choose one of: {known}")
         params = self.og.GeneratorParams(self.model)
         if temperature > 0:
             options = {"max_length": max_length, "do_sample": True, "temperature": temperature, "top_p": top_p}
@@ -206,7 +205,7 @@ def command(
       olivepress infer --prompt "Where should I eat in Rome?" --adapter travel
       olivepress infer --model-dir ./pulled-model --adapter none
     """
-    folder = model_dir or volume.require_stage(root, "optimize", "run `olivepress optimize` first")
+    folder = model_dir or volume.upstream(root, "infer", "optimize")
     engine = Engine(folder, threads)
     chosen = list(adapters) or engine.names
     prompts = prompts or DEFAULT_PROMPTS

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import click
 
-from stages import common, volume
+from contract import model_folder, volume
+from contract.exits import BadInput
+from stages import common
 from stages import evaluate as evaluate_
-from stages.finetune import HELDOUT
-from stages.infer import BASE, MERGED_ADAPTER_FILE
 
-ADAPTER_SUFFIX = ".onnx_adapter"
 LORA_PROJECTIONS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj")
 LORA_PROJECTIONS += ("mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
 
@@ -105,12 +104,12 @@ def command(
       olivepress optimize --precision int4 --adapter-name travel
     """
     if not adapter_name.isidentifier():
-        raise volume.StageError(f"--adapter-name {adapter_name!r} must be letters, digits and underscores")
-    quantized = volume.require_stage(root, "quantize", "run `olivepress quantize` first")
-    base = quantized / "dequantized"
+        raise BadInput(f"--adapter-name {adapter_name!r} must be letters, digits and underscores")
+    quantized = volume.upstream(root, "optimize", "quantize")
+    base = volume.output(root, "quantize", "dequantized")
     if int4_block_size == "auto":
         int4_block_size = str(volume.read_manifest(quantized)["parameters"]["group_size"])
-    adapter = volume.require_stage(root, "finetune", "run `olivepress finetune` first") / "adapter"
+    adapter = volume.upstream(root, "optimize", "finetune", "adapter")
     parameters = {
         "precision": precision,
         "adapter_name": adapter_name,
@@ -143,27 +142,27 @@ def command(
         with common.scratch(root, "optimize-") as tmp:
             # For the laptop's CPU, even when built on a GPU host (else genai_config asks for CUDA).
             output = common.run_olive(tmp, model, passes, target="cpu")
-            (out / "adapters").mkdir(parents=True)
-            for weights in output.glob(f"*{ADAPTER_SUFFIX}"):
-                shutil.move(str(weights), out / "adapters" / f"{adapter_name}{ADAPTER_SUFFIX}")
+            (out / model_folder.ADAPTERS).mkdir(parents=True)
+            for weights in output.glob(f"*{model_folder.ADAPTER_SUFFIX}"):
+                shutil.move(str(weights), model_folder.adapter_file(out, adapter_name))
             # Olive's own bookkeeping (it names temp paths) is not part of the model.
             (output / "model_config.json").unlink(missing_ok=True)
-            shutil.move(str(output), out / "model")
-        if switchable and not (out / "adapters" / f"{adapter_name}{ADAPTER_SUFFIX}").is_file():
+            shutil.move(str(output), model_folder.model_dir(out))
+        if switchable and not model_folder.adapter_file(out, adapter_name).is_file():
             raise click.ClickException("Olive wrote no adapter file; see the stage log")
         if not switchable:
             # What infer reads to serve the model under the adapter's name, with no base to switch to.
-            (out / "model" / MERGED_ADAPTER_FILE).write_text(adapter_name + "\n")
+            (model_folder.model_dir(out) / model_folder.MERGED_ADAPTER_FILE).write_text(adapter_name + "\n")
         extra: dict = {"adapters": [adapter_name]}
-        heldout_file = adapter.parent / HELDOUT
+        heldout_file = volume.output(root, "finetune", "heldout")
         if evaluate and heldout_file.is_file() and heldout_file.stat().st_size:
             rows = [json.loads(line) for line in heldout_file.read_text(encoding="utf-8").splitlines()]
-            template = volume.read_manifest(adapter.parent)["parameters"]["text_template"]
+            template = volume.read_manifest(volume.stage_dir(root, "finetune"))["parameters"]["text_template"]
             extra["metrics"] = {
                 "onnx_adapter": evaluate_.onnx_loss(out, rows, template, adapter_name),
             }
             if switchable:
-                extra["metrics"]["onnx_base"] = evaluate_.onnx_loss(out, rows, template, BASE)
+                extra["metrics"]["onnx_base"] = evaluate_.onnx_loss(out, rows, template, model_folder.BASE)
         return extra
 
     inputs = {"base": base, "adapter": adapter}

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import click
 
-from stages import common, data, volume
+from contract import registry, volume
+from contract.exits import BadInput
+from stages import common, data
 from stages import evaluate as evaluate_
 from stages.tiny_model import build as build_tiny_model
 
@@ -27,6 +29,7 @@ ALGORITHMS = {
     "rtn": ("Rtn", False, False),
 }
 TINY = "tiny"
+OUTPUTS = registry.STAGES["quantize"].outputs
 
 
 def resolve_model(model: str, root: Path) -> str:
@@ -53,7 +56,7 @@ def model_dtype(model: str, trust_remote_code: bool) -> str:
             else "pass a local folder with --model, check the hub id, the network and HF_TOKEN for gated models, "
             "or use --model tiny"
         )
-        raise volume.StageError(f"cannot load model {model!r}: {reason} -- {hint}") from None
+        raise BadInput(f"cannot load model {model!r}: {reason} -- {hint}") from None
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
     return str(dtype).removeprefix("torch.")
 
@@ -113,7 +116,7 @@ def dequantize(quantized: Path, out: Path, dtype: str) -> None:
     elif method == "awq":
         _dequantize_awq(quantized, out, dtype)
     else:
-        raise volume.StageError(f"{quantized} has quant_method {method!r}; olivepress reads 'olive' and 'awq'")
+        raise BadInput(f"{quantized} has quant_method {method!r}; olivepress reads 'olive' and 'awq'")
     common.copy_tokenizer(quantized, out)
 
 
@@ -159,7 +162,7 @@ def _dequantize_awq(quantized: Path, out: Path, dtype: str) -> None:
     qcfg = config.quantization_config
     qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
     if str(qcfg.get("version", "gemm")).lower() != "gemm":
-        raise volume.StageError(f"AWQ version {qcfg.get('version')!r} is not read; quantize with version gemm")
+        raise BadInput(f"AWQ version {qcfg.get('version')!r} is not read; quantize with version gemm")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     state: dict = {}
     for file in sorted(quantized.glob("*.safetensors")):
@@ -235,7 +238,7 @@ def command(
     _, needs_gpu, calibrates = ALGORITHMS[algorithm]
     if needs_gpu and not common.has_cuda():
         cpu_ones = ", ".join(a for a, (_, gpu, _) in sorted(ALGORITHMS.items()) if not gpu)
-        raise volume.StageError(
+        raise BadInput(
             f"--algorithm {algorithm} needs a CUDA GPU and none is visible; on a CPU use --algorithm one of {cpu_ones}"
         )
     text_template = data.unescape(text_template)
@@ -276,9 +279,9 @@ def command(
                 max_seq_len,
                 trust_remote_code,
                 tmp,
-                out / "model",
+                out / OUTPUTS["model"],
             )
-        dequantize(out / "model", out / "dequantized", dtype)
+        dequantize(out / OUTPUTS["model"], out / OUTPUTS["dequantized"], dtype)
         extra = {"base_model": model if not Path(model).exists() else Path(model).name, "dtype": dtype}
         if evaluate:
             rows = [dataset.rows[i] for i in heldout_idx]
@@ -290,7 +293,7 @@ def command(
             }
             extra["metrics"] = {
                 "base": evaluate_.torch_loss(Path(model) if Path(model).exists() else model, rows, text_template),
-                "quantized": evaluate_.torch_loss(out / "dequantized", rows, text_template),
+                "quantized": evaluate_.torch_loss(out / OUTPUTS["dequantized"], rows, text_template),
             }
         return extra
 

@@ -23,10 +23,11 @@ from typing import Any
 
 import click
 
-from stages import infer, volume
+from contract import model_folder, volume
+from stages import infer
 
 log = logging.getLogger("olivepress")
-BASE_NAME = "base"  # what /v1/models calls the model with no adapter; infer's name for it ("none") is accepted too
+BASE_NAME = infer.BASE
 DEFAULT_PORT = 8000
 MAX_BODY = 4 * 1024 * 1024
 
@@ -111,7 +112,7 @@ class Service:
         return [BASE_NAME] * self.engine.has_base + self.engine.adapter_names
 
     def adapter_for(self, model: Any) -> str:
-        if model in (BASE_NAME, infer.BASE) and self.engine.has_base:
+        if model in model_folder.BASE_ALIASES and self.engine.has_base:
             return infer.BASE
         if isinstance(model, str) and model in self.engine.adapter_names:
             return model
@@ -472,8 +473,8 @@ def command(
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
     log.setLevel(logging.INFO if verbose else logging.WARNING)
-    folder = model_dir or volume.require_stage(volume.home(root), "optimize", "run `olivepress optimize` first")
-    engine = infer.Engine(folder, threads)  # a StageError (exit 2) names a folder that is not a model
+    folder = model_dir or volume.published(volume.home(root), "optimize")
+    engine = infer.Engine(folder, threads)  # a BadInput (exit 2) names a folder that is not a model
     service = Service(engine, max_concurrent, default_max_tokens, token_delay_ms / 1000)
     try:
         server = make_server(service, host, port)

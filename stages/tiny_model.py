@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from stages import data, volume
+from contract import volume
+from contract.exits import BadInput
+from stages import data
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -85,7 +87,7 @@ def build(output: Path, data_file: Path, vocab_size: int, seed: int, config_file
     else:
         settings = {**TINY_SHAPES, "vocab_size": len(tokenizer), "tie_word_embeddings": False, **ids}
     if settings.get("vocab_size", 0) < len(tokenizer):
-        raise volume.StageError(f"the config's vocab_size must be at least the tokenizer's {len(tokenizer)}")
+        raise BadInput(f"the config's vocab_size must be at least the tokenizer's {len(tokenizer)}")
     config = Phi3Config(**settings)
     torch.manual_seed(seed)
     dtype = getattr(torch, str(settings.get("torch_dtype") or settings.get("dtype") or "float32"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import volume
+from contract import volume
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from azureml_standin import CONTAINER, StandIn, blob_container, make_certs  # noqa: E402

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from contract.exits import BadInput
 from stages import data
-from stages.volume import StageError
 
 
 def write(tmp_path, text: str | bytes):
@@ -33,25 +33,25 @@ def test_the_lab_dataset_loads_with_crlf_and_no_final_newline():
     ],
 )
 def test_bad_rows_are_named_by_line(tmp_path, content, expected):
-    with pytest.raises(StageError, match="") as err:
+    with pytest.raises(BadInput, match="") as err:
         data.load_dataset(write(tmp_path, content))
     assert expected in err.value.message
 
 
 def test_every_bad_line_is_listed_at_once(tmp_path):
     rows = ['{"prompt": "p", "response": "r"}'] * 3 + ["oops", '{"prompt": "p"}']
-    with pytest.raises(StageError) as err:
+    with pytest.raises(BadInput) as err:
         data.load_dataset(write(tmp_path, "\n".join(rows)))
     assert "2 bad row(s)" in err.value.message
     assert "line 4" in err.value.message and "line 5" in err.value.message
 
 
 def test_missing_file_and_bad_template(tmp_path):
-    with pytest.raises(StageError, match="does not exist"):
+    with pytest.raises(BadInput, match="does not exist"):
         data.load_dataset(tmp_path / "nope.jsonl")
-    with pytest.raises(StageError, match="malformed"):
+    with pytest.raises(BadInput, match="malformed"):
         data.load_dataset(data.DEFAULT_DATA, "{prompt")
-    with pytest.raises(StageError, match="missing field"):
+    with pytest.raises(BadInput, match="missing field"):
         data.load_dataset(data.DEFAULT_DATA, "{question} {answer}")
 
 
@@ -61,7 +61,7 @@ def test_split_is_seeded_disjoint_and_complete():
     assert (train, heldout) == data.split(dataset, 0.1, seed=0)
     assert data.split(dataset, 0.1, seed=1) != (train, heldout)
     assert sorted(train + heldout) == list(range(289)) and len(heldout) == 29
-    with pytest.raises(StageError):
+    with pytest.raises(BadInput):
         data.split(dataset, 1.0, seed=0)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from stages import data, evaluate, volume
+from contract import volume
+from stages import data, evaluate
 
 # int4 re-quantizes the quantized weights (and the output projection): on the tiny model that moves the
 # held-out loss by about 0.003 nats; the bound leaves room for other machines' float rounding.

@@ -8,7 +8,8 @@ import shutil
 import torch
 from click.testing import CliRunner
 
-from stages import finetune, volume
+from contract import volume
+from stages import finetune
 
 
 def invoke(home, *args):

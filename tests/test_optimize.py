@@ -9,7 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stages import optimize, volume
+from contract import volume
+from contract.exits import BadInput
+from stages import optimize
 
 PROMPT = "<|user|>\nWhere should I go in Italy?<|end|>\n<|assistant|>\n"
 
@@ -122,7 +124,7 @@ def test_merged_build_answers_as_the_adapter_and_keeps_what_finetuning_learned(m
     engine = infer.Engine(merged_home / "optimize")
     assert engine.names == ["travel"] and not engine.has_base
     assert not list((merged_home / "optimize" / "adapters").iterdir())
-    with pytest.raises(volume.StageError, match="merged in"):
+    with pytest.raises(BadInput, match="merged in"):
         engine.new_generator(infer.BASE, 8)
     merged, ids = onnx_last_logits(merged_home / "optimize", None)
     switchable, _ = onnx_last_logits(tiny_run / "optimize", "travel")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from click.testing import CliRunner
 
-from stages import quantize, volume
+from contract import volume
+from stages import quantize
 
 
 def invoke(home, *args):

@@ -6,11 +6,11 @@ import json
 
 from conftest import TINY_STEPS, olivepress
 
-from stages import volume
+from contract import registry, volume
 
 
 def test_run_publishes_four_manifests_and_answers(tiny_run):
-    for stage in volume.STAGES:
+    for stage in registry.NAMES:
         manifest = volume.read_manifest(tiny_run / stage)
         assert manifest is not None, stage
         assert manifest["outputs"], f"{stage} recorded no outputs"
@@ -20,25 +20,25 @@ def test_run_publishes_four_manifests_and_answers(tiny_run):
     assert (tiny_run / "optimize" / "model" / "model.onnx").is_file()
     assert (tiny_run / "optimize" / "adapters" / "travel.onnx_adapter").is_file()
     answers = json.loads((tiny_run / "infer" / "answers.json").read_text())
-    assert {a["adapter"] for a in answers} == {"none", "travel"}
+    assert {a["adapter"] for a in answers} == {"base", "travel"}
     assert all(a["text"].strip() for a in answers), "the ONNX model generated no text"
     by_prompt = {}
     for a in answers:
         by_prompt.setdefault(a["prompt"], {})[a["adapter"]] = a["text"]
-    assert any(v["none"] != v["travel"] for v in by_prompt.values()), "the adapter changed no answer"
+    assert any(v["base"] != v["travel"] for v in by_prompt.values()), "the adapter changed no answer"
     assert not list(tiny_run.glob(".*.partial")), "a partial stage folder was left behind"
 
 
 def test_second_run_skips_every_stage(tiny_run):
-    before = {stage: volume.read_manifest(tiny_run / stage) for stage in volume.STAGES}
+    before = {stage: volume.read_manifest(tiny_run / stage) for stage in registry.NAMES}
     result = olivepress("run", "--max-steps", TINY_STEPS, home=tiny_run)
     assert "skipped" in result.stderr
-    assert {stage: volume.read_manifest(tiny_run / stage) for stage in volume.STAGES} == before
+    assert {stage: volume.read_manifest(tiny_run / stage) for stage in registry.NAMES} == before
 
 
 def test_same_inputs_and_seed_give_byte_identical_outputs(tiny_run, tmp_path):
     olivepress("run", "--max-steps", TINY_STEPS, home=tmp_path)
-    for stage in volume.STAGES:
+    for stage in registry.NAMES:
         first, second = volume.read_manifest(tiny_run / stage), volume.read_manifest(tmp_path / stage)
         assert first["outputs"] == second["outputs"], f"{stage} outputs differ between two identical runs"
 
@@ -54,6 +54,6 @@ def test_a_failing_stage_stops_the_run_with_its_message(tmp_path):
 
 def test_status_lists_the_stages(tiny_run):
     rows = json.loads(olivepress("status", "--json", home=tiny_run).stdout)
-    assert [r["stage"] for r in rows] == list(volume.STAGES)
+    assert [r["stage"] for r in rows] == list(registry.NAMES)
     assert all(r["state"] == "done" for r in rows)
     assert rows[0]["parameters"]["algorithm"] == "gptq"

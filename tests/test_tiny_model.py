@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from stages import tiny_model, volume
+from contract import volume
+from stages import tiny_model
 
 
 def test_same_seed_same_bytes_other_seed_other_weights(tmp_path):

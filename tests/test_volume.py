@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stages import volume
+from contract import volume
 
 
 def write_output(text: str):

@@ -1,13 +1,12 @@
-"""The volume contract: where each stage reads and writes, and what it records.
+"""The volume: one home folder holding every stage's published folder, each with its manifest.
 
 Layout under one root (``--home``, env ``OLIVEPRESS_HOME``, default ``./artifacts``)::
 
     tiny-model/          the embedded default base model (make-tiny-model)
-    quantize/            manifest.json, log.txt, model/ (quantized checkpoint), dequantized/ (float model)
-    finetune/            manifest.json, log.txt, adapter/ (PEFT LoRA adapter)
-    optimize/            manifest.json, log.txt, model/ (onnxruntime-genai folder), adapters/<name>.onnx_adapter
-    infer/               manifest.json, log.txt, answers.json
-    cache/               Hugging Face and Olive caches, so nothing lands in the home folder
+    <stage>/             manifest.json, log.txt and the stage's outputs (contract.registry names them)
+    <stage>.failed.log   the log of a failed attempt, until the stage succeeds
+    logs/                console output of `olivepress run`, per stage
+    cache/               Hugging Face and Olive caches, and scratch folders (cache/tmp)
 
 A stage builds its folder as ``.<stage>.partial`` and renames it into place only
 on success, so a crash or Ctrl-C never leaves a half-written stage.  This module
@@ -32,20 +31,16 @@ from typing import Any
 
 import click
 
+from contract import registry
+from contract.exits import BadInput
+
 HOME_ENV = "OLIVEPRESS_HOME"
 DEFAULT_HOME = "artifacts"
-STAGES = ("quantize", "finetune", "optimize", "infer")
 MANIFEST = "manifest.json"
 LOG = "log.txt"
 SCHEMA = 1
 
 log = logging.getLogger("olivepress")
-
-
-class StageError(click.ClickException):
-    """A problem the user can fix: the message names the problem and the fix; exit code 2, as for bad usage."""
-
-    exit_code = 2
 
 
 def home_option(help_text: str = "Volume root holding every stage's folder") -> Callable:
@@ -66,6 +61,11 @@ def home(root: str | os.PathLike | None = None) -> Path:
 
 def stage_dir(root: Path, stage: str) -> Path:
     return root / stage
+
+
+def output(root: Path, stage: str, key: str) -> Path:
+    """A named output of a stage on the volume, e.g. ``output(root, "quantize", "dequantized")``."""
+    return stage_dir(root, stage) / registry.STAGES[stage].outputs[key]
 
 
 def tiny_model_dir(root: Path) -> Path:
@@ -228,9 +228,18 @@ def _publish(partial: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def require_stage(root: Path, stage: str, hint: str) -> Path:
-    """The published folder of an earlier stage, or a StageError saying how to make it."""
+def upstream(root: Path, stage: str, need: str, key: str | None = None) -> Path:
+    """The published folder (or one named output) of a stage that ``stage`` needs, or a BadInput saying how to
+    make it. Only the stages the registry lists as ``stage``'s needs can be read."""
+    if need not in registry.STAGES[stage].needs:
+        raise ValueError(f"{stage} reads {need}, which contract/registry.py does not list among its needs")
+    folder = published(root, need)
+    return folder if key is None else output(root, need, key)
+
+
+def published(root: Path, stage: str) -> Path:
+    """A stage's published folder, or a BadInput saying how to make it."""
     folder = stage_dir(root, stage)
     if read_manifest(folder) is None:
-        raise StageError(f"no {stage} output under {root}: {hint}")
+        raise BadInput(f"no {stage} output under {root}: run `olivepress {stage}` first")
     return folder
