@@ -21,9 +21,11 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -212,13 +214,13 @@ def run_stage(
         for logger in loggers:
             logger.removeHandler(handler)
         handler.close()
-    _publish(partial, final)
+    publish(partial, final)
     (root / f"{stage}.failed.log").unlink(missing_ok=True)
     log.info("%s: done in %.1f s -> %s", stage, manifest["wall_s"], final)
     return manifest
 
 
-def _publish(partial: Path, final: Path) -> None:
+def publish(partial: Path, final: Path) -> None:
     """Swap ``partial`` into ``final``; the old folder is removed only once the new one is in place."""
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -243,3 +245,15 @@ def published(root: Path, stage: str) -> Path:
     if read_manifest(folder) is None:
         raise BadInput(f"no {stage} output under {root}: run `olivepress {stage}` first")
     return folder
+
+
+@contextmanager
+def scratch(root: Path, prefix: str) -> Iterator[Path]:
+    """A temporary folder on the volume (not /tmp: real models do not fit there), removed afterwards."""
+    base = root / "cache" / "tmp"
+    base.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

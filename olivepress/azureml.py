@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr
@@ -27,7 +26,7 @@ from typing import Any, TypeVar
 
 import click
 
-from contract import volume
+from contract import logs, volume
 from contract.exits import BadInput
 
 log = logging.getLogger("olivepress")
@@ -226,11 +225,8 @@ def staged(root: Path, manifest: dict[str, Any]) -> Iterator[Path]:
     Hard links (copies across file systems), so the upload never includes stray files or the stage log.
     """
     source = volume.stage_dir(root, "optimize")
-    base = root / "cache" / "tmp"
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="push-", dir=base))
-    out = tmp / "optimize"  # the SDK names the uploaded folder after this one
-    try:
+    with volume.scratch(root, "push-") as tmp:
+        out = tmp / "optimize"  # the SDK names the uploaded folder after this one
         for rel in [*manifest["outputs"], volume.MANIFEST]:
             target = out / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -244,8 +240,6 @@ def staged(root: Path, manifest: dict[str, Any]) -> Iterator[Path]:
                 (out / LINEAGE).mkdir(exist_ok=True)
                 (out / LINEAGE / f"{stage}.json").write_text(json.dumps(upstream, indent=2) + "\n")
         yield out
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- the SDK ------------------------------------------------------------------------------------------------------
@@ -399,12 +393,6 @@ def workspace_options(func: Callable) -> Callable:
     return func
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(lambda r: verbose or r.levelno >= logging.WARNING or r.name == "olivepress")
-
-
 @click.command(
     "push",
     context_settings={"show_default": True},
@@ -447,7 +435,7 @@ def push(
       olivepress push --name ft-for-travel --version 1 --dry-run
       olivepress push --registry my-registry
     """
-    _setup_logging(verbose)
+    logs.console_logging(verbose)
     if not NAME_RE.match(name):
         raise click.BadParameter(
             f"{name!r}: letters, digits, '-', '_' and '.', starting with a letter or digit", param_hint="--name"
@@ -627,7 +615,7 @@ def pull(
       olivepress pull ft-for-travel:1 --subscription SUB --resource-group RG --workspace WS
       olivepress pull ft-for-travel && olivepress infer --adapter travel
     """
-    _setup_logging(verbose)
+    logs.console_logging(verbose)
     name, version = parse_ref(ref)
     root = volume.home(root)
     target = resolve_target(subscription, resource_group, workspace, registry, config)
@@ -689,12 +677,7 @@ def _pull(client: Any, target: Target, root: Path, name: str, version: str | Non
             raise TransferFailed(
                 f"{name}:{version}'s files do not match its {CONTENT_TAG} tag; it was changed after push"
             )
-        old = root / ".optimize.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        folder.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        volume.publish(folder, final)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     click.echo(f"pulled {name}:{version} from {target} into {final} ({len(manifest['outputs'])} files verified)")

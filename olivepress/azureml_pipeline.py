@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from contract import volume
+from contract import logs, registry, volume
 from olivepress import azureml
 from olivepress.diverting import DivertingCommand
 
@@ -261,13 +261,11 @@ def collect_settings(
     environ: Mapping[str, str], dotenv: Path | None, shortcuts: Mapping[str, str | int | None]
 ) -> dict[str, str]:
     """The stage settings: ``.env``, then the environment, then ``run``'s shortcut options (last wins)."""
-    from olivepress.run import SHORTCUTS
-
     merged = {**(read_dotenv(dotenv) if dotenv else {}), **environ}
     settings = {k: v for k, v in merged.items() if SETTING_RE.match(k) and v != ""}
     for option, value in shortcuts.items():
         if value is not None:
-            settings.update({variable: str(value) for variable in SHORTCUTS[option]})
+            settings.update({variable: str(value) for variable in registry.run_shortcuts()[option]})
     return settings
 
 
@@ -438,7 +436,7 @@ def run_azureml(
         click.echo(job_yaml(job), nl=False)
         click.echo("dry run: nothing was submitted", err=True)
         return
-    azureml._setup_logging(verbose)
+    logs.console_logging(verbose)
     target, client = _client(subscription, resource_group, workspace, config, verbose)
     try:
         with azureml.sdk_console(verbose):
@@ -481,7 +479,7 @@ def status_azureml(
     verbose: bool,
 ) -> None:
     """Each step's state of the pipeline job JOB (as `olivepress run --on azureml` printed it)."""
-    azureml._setup_logging(verbose)
+    logs.console_logging(verbose)
     target, client = _client(subscription, resource_group, workspace, config, verbose)
     try:
         status = follow(client, job_name, poll_s=interval, once=not keep_following)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from contract import volume
+from contract import logs, volume
 
 # Packages whose versions every torch-side stage records in its manifest.
 _console = {"verbose": False}
@@ -36,10 +34,7 @@ def stage_command(name: str, help_text: str | None = None) -> Callable[[Callable
             volume.use_volume_caches(root)
             _console["verbose"] = verbose
             # Everything at INFO reaches the stage's log.txt; the console shows warnings, and our own progress.
-            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-            logging.getLogger().handlers[0].addFilter(
-                lambda record: verbose or record.levelno >= logging.WARNING or record.name == "olivepress"
-            )
+            logs.console_logging(verbose)
             return func(root=root, force=force, **kwargs)
 
         return click.command(
@@ -73,18 +68,6 @@ def resolve_dtype(choice: str) -> str:
     if choice != "auto":
         return choice
     return "bfloat16" if has_cuda() else "float32"
-
-
-@contextmanager
-def scratch(root: Path, prefix: str) -> Iterator[Path]:
-    """A temporary folder on the volume (not /tmp: real models do not fit there), removed afterwards."""
-    base = root / "cache" / "tmp"
-    base.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_olive(

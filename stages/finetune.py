@@ -172,7 +172,7 @@ def command(
     }
 
     def work(out: Path) -> dict:
-        with common.scratch(root, "finetune-") as tmp:
+        with volume.scratch(root, "finetune-") as tmp:
             train_file = write_rows([dataset.rows[i] for i in train_idx], tmp / "train.jsonl")
             lora = {
                 "type": {"lora": "LoRA", "qlora": "QLoRA"}[method],

@@ -139,7 +139,7 @@ def command(
         if switchable:
             passes["extract_adapters"] = {"type": "ExtractAdapters"}
         model = {"model_path": str(base), "adapter_path": str(adapter), "load_kwargs": {"attn_implementation": "eager"}}
-        with common.scratch(root, "optimize-") as tmp:
+        with volume.scratch(root, "optimize-") as tmp:
             # For the laptop's CPU, even when built on a GPU host (else genai_config asks for CUDA).
             output = common.run_olive(tmp, model, passes, target="cpu")
             (out / model_folder.ADAPTERS).mkdir(parents=True)

@@ -265,7 +265,7 @@ def command(
     dtype = model_dtype(model, trust_remote_code)
 
     def work(out: Path) -> dict:
-        with common.scratch(root, "quantize-") as tmp:
+        with volume.scratch(root, "quantize-") as tmp:
             calibration = None
             if calibrates:  # on the train rows only: the held-out rows must stay unseen
                 train = data.Dataset([dataset.rows[i] for i in train_idx], dataset.template, dataset.sha256)
