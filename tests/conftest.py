@@ -32,3 +32,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("tiny-run")
     olivepress("run", "--max-steps", TINY_STEPS, home=home)
     return home
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the tiny pipeline's volume is in the `slow` tier."""
+    for item in items:
+        if "tiny_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
