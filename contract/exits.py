@@ -6,7 +6,14 @@ and the fix) and exits with its code, with no traceback. The README and ``olivep
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import IntEnum
+from pathlib import Path
 
 import click
 
@@ -59,3 +66,49 @@ class NoDocker(click.ClickException):
 
 class VolumeBusy(click.ClickException):
     exit_code = Exit.VOLUME_BUSY
+
+
+# Set on an exception whose traceback is already in a log file: the path of that file.
+LOGGED_TO = "olivepress_log"
+
+
+@contextmanager
+def reported(what: str, log_file: Path) -> Iterator[None]:
+    """Run a command's body so that whatever escapes it ends as one message and a documented exit code.
+
+    Our own errors pass through (click prints them). Ctrl-C exits 130. An unreadable file is bad input. Anything
+    else is a failure whose traceback goes to ``log_file`` (kept there if the stage already wrote it), never to
+    the terminal.
+    """
+    try:
+        yield
+    except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+        raise
+    except KeyboardInterrupt:
+        click.echo(f"\n{what}: interrupted; nothing of it was published", err=True)
+        raise click.exceptions.Exit(Exit.INTERRUPTED) from None
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.EACCES, errno.EISDIR, errno.ENOTDIR) and error.filename:
+            raise BadInput(
+                f"{what}: cannot read {error.filename} ({os.strerror(error.errno)}); check the path and its permissions"
+            ) from None
+        raise _failure(what, error, log_file) from None
+    except Exception as error:
+        raise _failure(what, error, log_file) from None
+
+
+def _failure(what: str, error: BaseException, log_file: Path) -> click.ClickException:
+    logged = getattr(error, LOGGED_TO, None)  # contract.volume.run_stage keeps a stage's traceback in its log
+    if logged:
+        where = f"the traceback is in {logged}"
+    else:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            with log_file.open("a") as f:
+                f.write(f"{what} failed:\n{traceback.format_exc()}")
+            where = f"the traceback is in {log_file}"
+        except OSError:
+            logging.getLogger("olivepress").exception("%s failed", what)
+            where = "the traceback could not be written to a file"
+    reason = (str(error).strip().splitlines() or [""])[0][:300]
+    return click.ClickException(f"{what} failed: {type(error).__name__}: {reason} ({where})")

@@ -12,7 +12,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -21,7 +24,8 @@ from rich.live import Live
 from rich.spinner import Spinner
 from rich.table import Table
 
-from contract import registry, volume
+from contract import lock, registry, volume
+from contract.exits import Exit
 
 
 def _table(states: dict[str, tuple[str, str]]) -> Table:
@@ -32,16 +36,39 @@ def _table(states: dict[str, tuple[str, str]]) -> Table:
     return table
 
 
-def run_stage_process(stage: str, root: Path, force: bool, env: dict[str, str]) -> tuple[int, Path]:
-    logs = root / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+def run_stage_process(stage: str, root: Path, force: bool, env: dict[str, str], logs: Path) -> tuple[int, Path]:
+    """The stage in its own process (as its container runs it), holding this process's writer lock."""
     console_log = logs / f"{stage}.console.txt"
     command = [sys.executable, "-m", registry.STAGES[stage].module, "--home", str(root)] + (
         ["--force"] if force else []
     )
+    held = lock.inherited_fd(root)
+    if held is not None:
+        env, passed = {**env, lock.FD_ENV: str(held)}, (held,)
+    else:
+        passed = ()
     with console_log.open("w") as out:
-        process = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, pass_fds=passed)
     return process.returncode, console_log
+
+
+@contextmanager
+def writing(root: Path) -> Iterator[Path]:
+    """The home's writer lock for the whole run, and the folder for the stages' console logs.
+
+    A home that cannot be written is still run: every stage that finds its work done skips (a read-only copy
+    of a finished volume), and the first one that has to write says so. Its console logs go to a temporary folder.
+    """
+    try:
+        with lock.writer(root) as took:
+            if took:
+                volume.clean_leftovers(root)
+            logs = root / "logs"
+            logs.mkdir(exist_ok=True)
+            yield logs
+    except lock.HomeNotWritable:
+        with tempfile.TemporaryDirectory(prefix="olivepress-logs-") as logs:
+            yield Path(logs)
 
 
 def _error_lines(console_log: Path, count: int = 8) -> str:
@@ -58,6 +85,7 @@ def _error_lines(console_log: Path, count: int = 8) -> str:
 @click.option("--data-files", type=click.Path(exists=True, dir_okay=False), help="JSONL to calibrate and train on.")
 @click.option("--max-steps", type=click.IntRange(min=1), help="LoRA steps [default: 100].")
 @click.option("--force", is_flag=True, help="Rerun every stage even if nothing changed.")
+@lock.wait_option
 def command(
     root: Path | None,
     model: str | None,
@@ -78,7 +106,7 @@ def command(
       olivepress run
       olivepress run --model microsoft/Phi-3.5-mini-instruct --algorithm awq   # on a GPU host
 
-    Exit codes: 0 done, 1 a stage failed, 2 bad input (named in the message), 130 interrupted.
+    A second writer on the same home stops with exit code 5 (or waits, with --wait).
     """
     root = volume.home(root)
     env = dict(os.environ, **{volume.HOME_ENV: str(root)})
@@ -93,14 +121,14 @@ def command(
             env.update(dict.fromkeys(registry.run_shortcuts()[name], str(value)))
     console = Console(stderr=True)
     states = {stage: ("waiting", "") for stage in registry.NAMES}
-    with Live(_table(states), console=console, refresh_per_second=8, transient=False) as live:
+    with writing(root) as logs, Live(_table(states), console=console, refresh_per_second=8, transient=False) as live:
         for stage in registry.NAMES:
-            before = volume.read_manifest(volume.stage_dir(root, stage))
-            states[stage] = ("running", f"log: {root / 'logs' / (stage + '.console.txt')}")
+            before = volume.manifest_or_none(volume.stage_dir(root, stage))
+            states[stage] = ("running", f"log: {logs / (stage + '.console.txt')}")
             live.update(_table(states))
             clock = time.perf_counter()
             try:
-                code, console_log = run_stage_process(stage, root, force, env)
+                code, console_log = run_stage_process(stage, root, force, env, logs)
             except KeyboardInterrupt:
                 states[stage] = ("failed", "interrupted: nothing of this stage was published")
                 live.update(_table(states))
@@ -113,7 +141,7 @@ def command(
                 console.print(f"[red]{stage} failed[/red] (exit {code}); later stages were not run.")
                 console.print(_error_lines(console_log), markup=False, highlight=False, soft_wrap=True)
                 console.print(f"Full output: {console_log}")
-                raise SystemExit(2 if code == 2 else 1)
+                raise SystemExit(code if code in set(map(int, Exit)) else Exit.FAILED)
             after = volume.read_manifest(volume.stage_dir(root, stage))
             if after == before:
                 states[stage] = ("skipped", "unchanged since the last run")

@@ -10,22 +10,41 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from contract import registry, volume
+from contract import lock, registry, volume
 
 
 def summary(root: Path) -> list[dict[str, Any]]:
+    """One row per stage: its state (done, missing, failed, running, killed, corrupt, changed), and from its
+    manifest when, how long, how big, the key settings and held-out figures."""
+    writer = lock.holder(root)
     rows = []
     for stage in registry.NAMES:
-        manifest = volume.read_manifest(volume.stage_dir(root, stage))
+        folder = volume.stage_dir(root, stage)
         failed = (root / f"{stage}.failed.log").is_file()
-        if manifest is None:
-            rows.append({"stage": stage, "state": "failed" if failed else "missing"})
+        if (root / f".{stage}.partial").exists():
+            in_progress = f"running (PID {writer.get('pid', '?')})" if writer is not None else "killed"
+        else:
+            in_progress = None
+        try:
+            manifest = volume.read_manifest(folder)
+        except volume.ManifestError:
+            rows.append({"stage": stage, "state": in_progress or f"corrupt manifest: run `olivepress {stage}`"})
             continue
+        if manifest is None:
+            rows.append({"stage": stage, "state": in_progress or ("failed" if failed else "missing")})
+            continue
+        changed = volume.changed_outputs(folder, manifest)
+        if in_progress:
+            state = f"done, rerun {in_progress}"
+        elif changed:
+            state = f"changed since published ({len(changed)} file(s)): `olivepress {stage}` remakes it"
+        else:
+            state = "done" + (" (last rerun failed)" if failed else "")
         parameters = manifest["parameters"]
         rows.append(
             {
                 "stage": stage,
-                "state": "done" + (" (last rerun failed)" if failed else ""),
+                "state": state,
                 "ended": manifest["ended"],
                 "wall_s": manifest["wall_s"],
                 "bytes_out": manifest["bytes_out"],
@@ -46,7 +65,11 @@ def command(root: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"olivepress volume {root}")
+    writer = lock.holder(root)
+    title = f"olivepress volume {root}"
+    if writer is not None:
+        title += f"\nbeing written by `{writer.get('command', '?')}` (PID {writer.get('pid', '?')})"
+    table = Table(title=title)
     for column in ("stage", "state", "finished", "wall", "output", "settings", "held-out loss"):
         table.add_column(column)
     for row in rows:

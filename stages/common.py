@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from contract import logs, volume
+from contract import exits, lock, logs, volume
 
 # Packages whose versions every torch-side stage records in its manifest.
 _console = {"verbose": False}
@@ -27,6 +27,7 @@ def stage_command(name: str, help_text: str | None = None) -> Callable[[Callable
     def decorate(func: Callable) -> click.Command:
         @volume.home_option()
         @click.option("--force", is_flag=True, help="Run even if inputs and parameters match the last run.")
+        @lock.wait_option
         @click.option("-v", "--verbose", is_flag=True, help="Show library logs on the console too.")
         @functools.wraps(func)
         def wrapper(root: Path | None, force: bool, verbose: bool, **kwargs: Any) -> None:
@@ -35,7 +36,8 @@ def stage_command(name: str, help_text: str | None = None) -> Callable[[Callable
             _console["verbose"] = verbose
             # Everything at INFO reaches the stage's log.txt; the console shows warnings, and our own progress.
             logs.console_logging(verbose)
-            return func(root=root, force=force, **kwargs)
+            with exits.reported(name, root / f"{name}.failed.log"):
+                return func(root=root, force=force, **kwargs)
 
         return click.command(
             name,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from contract import registry, volume
+from contract import lock, registry, volume
 from contract.exits import BadInput
 from stages import common, data
 from stages import evaluate as evaluate_
@@ -38,7 +38,8 @@ def resolve_model(model: str, root: Path) -> str:
         return str(Path(model).resolve()) if Path(model).exists() else model
     folder = volume.tiny_model_dir(root)
     if not (folder / "config.json").is_file():
-        build_tiny_model(folder, data.DEFAULT_DATA, vocab_size=2048, seed=0, config_file=None)
+        with lock.writer(root):
+            build_tiny_model(folder, data.DEFAULT_DATA, vocab_size=2048, seed=0, config_file=None)
     return str(folder)
 
 

@@ -7,13 +7,15 @@ for timing runs: same shapes, same cost, random weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from contract import volume
+from contract import lock, volume
 from contract.exits import BadInput
 from stages import data
 
@@ -93,9 +95,13 @@ def build(output: Path, data_file: Path, vocab_size: int, seed: int, config_file
     dtype = getattr(torch, str(settings.get("torch_dtype") or settings.get("dtype") or "float32"))
     model = Phi3ForCausalLM(config).to(dtype).eval()
     model.generation_config = GenerationConfig(**ids)
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    # Written beside and renamed into place: a killed build never leaves a folder that looks like a model.
+    partial = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    volume.publish(partial, output)
 
 
 @click.command("make-tiny-model")
@@ -121,6 +127,7 @@ def build(output: Path, data_file: Path, vocab_size: int, seed: int, config_file
     help="A Hugging Face config.json giving real shapes, e.g. configs/phi-3.5-mini.json (3.8B).",
 )
 @click.option("--force", is_flag=True, help="Rebuild even if the folder has a model.")
+@lock.wait_option
 def main(
     output: Path | None,
     root: str | None,
@@ -136,11 +143,13 @@ def main(
     same seed gives the same bytes.  Without --config it is tiny (about 1.6M
     parameters, seconds to build); with --config it has that config's shapes.
     """
-    output = output or volume.tiny_model_dir(volume.home(root))
+    home = volume.home(root)
+    output = (output or volume.tiny_model_dir(home)).resolve()
     if (output / "config.json").is_file() and not force:
         click.echo(f"{output} already holds a model (--force rebuilds it)")
         return
-    build(output, data_file, vocab_size, seed, config_file)
+    with lock.writer(home) if output.is_relative_to(home) else contextlib.nullcontext():
+        build(output, data_file, vocab_size, seed, config_file)
     click.echo(f"wrote {output}")
 
 

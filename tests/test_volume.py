@@ -58,9 +58,9 @@ def test_an_interrupted_stage_leaves_the_last_good_output_and_no_partial(tmp_pat
 
 def test_a_stage_output_is_identified_by_its_manifest(tmp_path):
     volume.run_stage("demo", tmp_path, {}, {}, write_output("x"))
-    described = volume.describe_input(tmp_path / "demo" / "result.txt")
+    described = volume.describe_input(tmp_path / "demo" / "result.txt", tmp_path)
     assert described["stage"] == "demo"
-    assert volume.describe_input("org/some-model") == {"hub_id": "org/some-model"}
+    assert volume.describe_input("org/some-model", tmp_path) == {"hub_id": "org/some-model"}
 
 
 def test_home_reads_the_environment(monkeypatch, tmp_path):
