@@ -67,3 +67,45 @@ def test_split_is_seeded_disjoint_and_complete():
 
 def test_unescape_turns_a_typed_backslash_n_into_a_newline():
     assert data.unescape("<|user|>\\n{prompt}") == "<|user|>\n{prompt}"
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    dataset = data.load_dataset(write(tmp_path, b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\r\n'))
+    assert dataset.rows == [{"prompt": "a", "response": "b"}]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("null", "response (null)"), ("3", "response (a number)"), ('["b"]', "response (a list)")],
+)
+def test_values_that_are_not_text_are_refused_by_line(tmp_path, value, expected):
+    rows = '{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": %s}\n' % value
+    with pytest.raises(BadInput) as err:
+        data.load_dataset(write(tmp_path, rows))
+    assert "line 2" in err.value.message and expected in err.value.message
+
+
+def test_invalid_utf8_is_refused_by_line(tmp_path):
+    rows = b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n'
+    with pytest.raises(BadInput) as err:
+        data.load_dataset(write(tmp_path, rows))
+    assert "line 2: not valid UTF-8" in err.value.message
+
+
+def test_a_template_without_a_response_field_is_refused_before_anything_runs():
+    with pytest.raises(BadInput, match=r"no \{response\} field"):
+        data.load_dataset(data.DEFAULT_DATA, "<|user|>\n{prompt}<|end|>")
+
+
+@pytest.mark.parametrize("rows", [2, 3, 5, 9])
+def test_a_small_file_splits_with_neither_side_empty(tmp_path, rows):
+    dataset = data.load_dataset(write(tmp_path, '{"prompt": "a", "response": "b"}\n' * rows))
+    train, heldout = data.split(dataset, 0.1, seed=0)
+    assert train and heldout and sorted(train + heldout) == list(range(rows))
+
+
+def test_one_row_says_how_many_are_needed(tmp_path):
+    dataset = data.load_dataset(write(tmp_path, '{"prompt": "a", "response": "b"}\n'))
+    with pytest.raises(BadInput, match="at least 2"):
+        data.split(dataset, 0.1, seed=0)
+    assert data.split(dataset, 0.0, seed=0) == ([0], [])
