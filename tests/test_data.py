@@ -79,7 +79,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
     [("null", "response (null)"), ("3", "response (a number)"), ('["b"]', "response (a list)")],
 )
 def test_values_that_are_not_text_are_refused_by_line(tmp_path, value, expected):
-    rows = '{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": %s}\n' % value
+    rows = '{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": ' + value + "}\n"
     with pytest.raises(BadInput) as err:
         data.load_dataset(write(tmp_path, rows))
     assert "line 2" in err.value.message and expected in err.value.message
