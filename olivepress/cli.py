@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from olivepress import azureml, azureml_pipeline, images, report, run, status
+from olivepress import azureml, azureml_pipeline, images, report, run, status, verify
 from stages import chat, finetune, infer, optimize, quantize, serve, tiny_model
 
 
@@ -28,6 +28,7 @@ def main() -> None:
 for verb, command in {
     "run": azureml_pipeline.with_on_azureml(run.command, azureml_pipeline.run_azureml),
     "status": azureml_pipeline.with_on_azureml(status.command, azureml_pipeline.status_azureml),
+    "verify": verify.command,
     "report": report.command,
     "make-tiny-model": tiny_model.main,
     "quantize": quantize.command,
