@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from olivepress import azureml, azureml_pipeline, images, report, run, status, verify
+from olivepress import images, report, run, status, verify
+from olivepress.azureml import commands as azureml
 from stages import chat, finetune, infer, optimize, quantize, serve, tiny_model
 
 
@@ -26,8 +27,8 @@ def main() -> None:
 
 
 for verb, command in {
-    "run": azureml_pipeline.with_on_azureml(run.command, azureml_pipeline.run_azureml),
-    "status": azureml_pipeline.with_on_azureml(status.command, azureml_pipeline.status_azureml),
+    "run": run.command,
+    "status": status.command,
     "verify": verify.command,
     "report": report.command,
     "make-tiny-model": tiny_model.main,
@@ -39,6 +40,7 @@ for verb, command in {
     "chat": chat.command,
     "build": images.build,
     "up": images.up,
+    "azureml": azureml.azureml,
     "push": azureml.push,
     "pull": azureml.pull,
 }.items():

@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from azureml_standin import CONTAINER, StandIn, blob_container, make_certs  # noqa: E402
 from azurite import Azurite, find_azurite  # noqa: E402
 
+pytestmark = pytest.mark.azure
+
 REPO = Path(__file__).resolve().parent.parent
 WORKSPACE = {"AZURE_SUBSCRIPTION_ID": "sub-1", "AZURE_RESOURCE_GROUP": "rg-1", "AZUREML_WORKSPACE_NAME": "ws-1"}
 # Variables that would let the credential chain or the SDK reach a real Azure from the test processes.

@@ -1,4 +1,4 @@
-"""The stages as an Azure ML pipeline job (olivepress/azureml_pipeline.py).
+"""The stages as an Azure ML pipeline job (olivepress/azureml/pipeline.py).
 
 The job built from a tiny run is checked against the stages and the volume contract; each step's shell is run here
 with a stand-in ``python`` to check the mounts, links and copies; then the real azure-ai-ml submits the job to the
@@ -20,10 +20,13 @@ import click
 import pytest
 import yaml
 
-from olivepress import azureml_pipeline as ap
+from contract import registry
+from olivepress.azureml import pipeline as ap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_azureml import REPO, Rig, running_rig  # noqa: E402
+
+pytestmark = pytest.mark.azure
 
 REGISTRY = "olivepressacr.azurecr.io"
 TINY = {"OLIVEPRESS_FINETUNE_MAX_STEPS": "20", "OLIVEPRESS_QUANTIZE_ALGORITHM": "gptq"}
@@ -55,11 +58,10 @@ def test_the_job_has_a_step_per_stage_in_its_image_chained_by_the_volume_contrac
         assert node.environment.image == f"{REGISTRY}/olivepress/{stage}:t1"
         assert node.compute == "cpu"
         command = node.component.command
-        verb = " infer" if stage == "infer" else ""
-        assert f'python -m stages.{stage}{verb} --home "$root"' in command
+        assert f'python -m stages.{stage} --home "$root"' in command
         # Each earlier stage's folder is an input named after it, linked into the root under that name ...
-        assert sorted(node.inputs) == sorted(ap.NEEDS[stage])
-        for need in ap.NEEDS[stage]:
+        assert sorted(node.inputs) == sorted(registry.STAGES[stage].needs)
+        for need in registry.STAGES[stage].needs:
             assert f'ln -sfn "${{{{inputs.{need}}}}}" "$root/{need}"' in command
             binding = node.inputs[need]._data  # the producing step's output object
             assert binding._port_name == need and binding._owner.name == need
@@ -110,7 +112,7 @@ def fake_python(bin_dir: Path) -> None:
     """A ``python`` that plays ``python -m stages.<stage> --home ROOT``: it needs the stages before it under ROOT,
     as the real stages do (volume.require_stage), and publishes ROOT/<stage>/ with a manifest; FAIL=<stage> makes
     that stage fail the way a real one does (its log in ROOT/<stage>.failed.log, exit 2)."""
-    needs = " ".join(f"[{s}]='{' '.join(n)}'" for s, n in ap.NEEDS.items())
+    needs = " ".join(f"[{s.name}]='{' '.join(s.needs)}'" for s in registry.PIPELINE)
     script = f"""#!/bin/bash
 set -eu
 stage=${{2#stages.}}; root=""
@@ -144,7 +146,7 @@ def test_each_step_sees_the_volume_layout_and_publishes_its_folder(tmp_path: Pat
     job = build()
     datastore = tmp_path / "datastore"  # what the outputs upload to: one folder per stage, side by side
     for stage, node in job.jobs.items():
-        mounts = {need: datastore / need for need in ap.NEEDS[stage]} | {stage: datastore / stage}
+        mounts = {need: datastore / need for need in registry.STAGES[stage].needs} | {stage: datastore / stage}
         (datastore / stage).mkdir(parents=True)
         result = run_step(node.component.command, mounts, tmp_path / "nodes" / stage, env)
         assert result.returncode == 0, result.stderr
@@ -171,7 +173,7 @@ def test_each_step_sees_the_volume_layout_and_publishes_its_folder(tmp_path: Pat
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "olivepress.azureml_pipeline", *args],
+        [sys.executable, "-m", "olivepress.azureml", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -180,7 +182,7 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
-RUN = ("run-azureml", "--compute", "cpu", "--image-registry", REGISTRY, "--tag", "t1", "--max-steps", "20")
+RUN = ("run", "--compute", "cpu", "--image-registry", REGISTRY, "--tag", "t1", "--max-steps", "20")
 
 
 def test_dry_run_prints_the_job_yaml_without_credentials(rig: Rig, tmp_path: Path) -> None:
@@ -222,7 +224,7 @@ def test_submit_puts_environments_components_and_the_job(rig: Rig, tmp_path: Pat
     data = REPO / "data" / "data_sample_travel.jsonl"  # a local file: uploaded by the SDK, then a step input
     result = cli(*RUN, "--job-name", JOB, "--data-files", str(data), "--env-file", str(tmp_path / "none.env"), env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"submitted {JOB}" in result.stdout and f"status --on azureml {JOB}" in result.stdout
+    assert f"submitted {JOB}" in result.stdout and f"azureml status {JOB}" in result.stdout
     puts = state.puts[before:]
     environments = [body for path, body in puts if path.startswith("/environments/")]
     components = {path: body for path, body in puts if path.startswith("/components/")}
@@ -239,7 +241,7 @@ def test_submit_puts_environments_components_and_the_job(rig: Rig, tmp_path: Pat
         )
         assert node["computeId"].endswith("/workspaces/ws-1/computes/cpu")
         assert {k: v["value"] for k, v in node.get("inputs", {}).items() if "value" in v} == {
-            need: f"${{{{parent.jobs.{need}.outputs.{need}}}}}" for need in ap.NEEDS[stage]
+            need: f"${{{{parent.jobs.{need}.outputs.{need}}}}}" for need in registry.STAGES[stage].needs
         }
     assert body["jobs"]["finetune"]["environment_variables"] == {"OLIVEPRESS_FINETUNE_MAX_STEPS": "20"}
     uploaded = body["jobs"]["finetune"]["inputs"]["data_files"]
@@ -259,9 +261,9 @@ def test_submit_puts_environments_components_and_the_job(rig: Rig, tmp_path: Pat
         root_path("optimize"),
     )
 
-    # status --on azureml: each step's state, and the exit code of the end state.
+    # azureml status: each step's state, and the exit code of the end state.
     rig.standin.set_job_status(JOB, "Running", {"quantize": "Completed", "finetune": "Running"})
-    running = cli("status-azureml", JOB, "--once", env=env)
+    running = cli("status", JOB, "--once", env=env)
     assert running.returncode == 0, running.stderr
     lines = dict(line.split(None, 1) for line in running.stdout.splitlines())
     assert lines == {
@@ -269,7 +271,7 @@ def test_submit_puts_environments_components_and_the_job(rig: Rig, tmp_path: Pat
         "pipeline": "Running",
     }  # fmt: skip
     rig.standin.set_job_status(JOB, "Failed", {"quantize": "Completed", "finetune": "Failed"})
-    failed = cli("status-azureml", JOB, env=env)
+    failed = cli("status", JOB, env=env)
     assert failed.returncode == 1 and "Failed" in failed.stdout
 
 
@@ -280,18 +282,12 @@ def test_submit_without_credentials_exits_3(rig: Rig) -> None:
     assert len(rig.standin.state.requests) == before
 
 
-def test_on_azureml_hands_run_and_status_to_the_pipeline_commands() -> None:
-    """The wiring the launcher uses: `olivepress run --on azureml ...` / `olivepress status --on azureml JOB`."""
+def test_olivepress_azureml_run_and_status_reach_the_pipeline_commands() -> None:
+    """The launcher's wiring: `olivepress azureml run ...` / `olivepress azureml status JOB`."""
     from click.testing import CliRunner
 
-    from olivepress import run, status
+    from olivepress.cli import main as launcher
 
-    @click.group()
-    def launcher() -> None:
-        pass
-
-    launcher.add_command(ap.with_on_azureml(run.command, ap.run_azureml), "run")
-    launcher.add_command(ap.with_on_azureml(status.command, ap.status_azureml), "status")
     runner = CliRunner()
     args = [
         "--compute",
@@ -304,10 +300,12 @@ def test_on_azureml_hands_run_and_status_to_the_pipeline_commands() -> None:
         "--env-file",
         "/nonexistent",
     ]
-    dry = runner.invoke(launcher, ["run", "--on", "azureml", *args])
+    dry = runner.invoke(launcher, ["azureml", "run", *args])
     assert dry.exit_code == 0, dry.output
     assert yaml.safe_load(dry.stdout)["name"] == JOB
-    assert "--on [local|azureml]" in runner.invoke(launcher, ["run", "--help"]).output
-    assert "--image-registry" in runner.invoke(launcher, ["run", "--on=azureml", "--help"]).output
-    missing = runner.invoke(launcher, ["status", "--on", "azureml"])
+    group_help = runner.invoke(launcher, ["azureml", "--help"]).output
+    assert all(f"  {verb} " in group_help for verb in ("push", "pull", "run", "status")), group_help
+    assert "--on" not in runner.invoke(launcher, ["run", "--help"]).output
+    assert "--image-registry" in runner.invoke(launcher, ["azureml", "run", "--help"]).output
+    missing = runner.invoke(launcher, ["azureml", "status"])
     assert missing.exit_code == 2 and "Missing argument 'JOB'" in missing.output
