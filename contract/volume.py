@@ -256,8 +256,8 @@ def clean_leftovers(root: Path) -> None:
     Only under the writer lock: nobody else can be writing them."""
     for leftover in [*root.glob(".*.partial"), *root.glob(".*.old")]:
         shutil.rmtree(leftover, ignore_errors=True)
-    for stage in registry.NAMES:
-        for leftover in (root / "cache" / "tmp").glob(f"{stage}-*"):
+    for writer in (*registry.NAMES, "pull"):  # not push's: a push reads the volume while writers run
+        for leftover in (root / "cache" / "tmp").glob(f"{writer}-*"):
             shutil.rmtree(leftover, ignore_errors=True)
 
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from contract import registry, volume
+from contract import lock, registry, volume
 from contract.exits import BadInput
 from olivepress.azureml import errors
 
@@ -327,7 +327,7 @@ def pull(client: Any, target: object, root: Path, name: str, version: str | None
         with errors.sdk_console(verbose):
             client.models.download(name=name, version=version, download_path=str(into))
 
-    with volume.scratch(root, "pull-") as partial:
+    with lock.writer(root), volume.scratch(root, "pull-") as partial:
         errors.with_retries("download", lambda: download(partial), 3, 5.0)
         manifests = sorted(partial.rglob(volume.MANIFEST), key=lambda p: len(p.parts))
         folder = manifests[0].parent if manifests else partial
