@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from olivepress import azureml, azureml_pipeline, images, report, run, status
-from stages import chat, finetune, infer, optimize, quantize, serve, tiny_model
+from runtime import chat, serve
+from stages import finetune, infer, optimize, quantize, tiny_model
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
