@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO))
 
 from serve_overhead import machine, versions  # noqa: E402 (this folder: the script's own)
 
-from stages import infer  # noqa: E402
+from contract.model_folder import BASE  # noqa: E402
+from runtime.engine import og_config  # noqa: E402
 
 CONFIG = REPO / "configs" / "phi3-0.95b.json"
 LLAMA_CPP_VERSION = "0.3.36"
@@ -161,7 +162,7 @@ def onnx_model(folder: Path, threads: int | None):  # noqa: ANN201 (onnxruntime_
     """One og.Model (and its adapters) per build and thread setting; None leaves the thread count unset."""
     import onnxruntime_genai as og
 
-    model = og.Model(infer.og_config(folder / "model", threads))
+    model = og.Model(og_config(folder / "model", threads))
     adapters = og.Adapters(model)
     for f in (folder / "adapters").glob("*.onnx_adapter"):
         adapters.load(str(f), f.name.removesuffix(".onnx_adapter"))
@@ -173,7 +174,7 @@ def onnx_engine(folder: Path, adapter: str, threads: int | None) -> Timer:
     import onnxruntime_genai as og
 
     model, adapters = onnx_model(folder, threads)
-    switch = adapter != infer.BASE and (folder / "adapters" / f"{adapter}.onnx_adapter").is_file()
+    switch = adapter != BASE and (folder / "adapters" / f"{adapter}.onnx_adapter").is_file()
 
     def once() -> tuple[float, float]:
         params = og.GeneratorParams(model)
@@ -253,15 +254,15 @@ def main() -> None:
         ("llama.cpp Q4_0", lambda: llama_engine(gguf["q4_0"], None, t), [gguf["q4_0"]]),
         (
             "olivepress default, threads unset (as before this benchmark)",
-            lambda: onnx_engine(builds["default"], infer.BASE, None),
+            lambda: onnx_engine(builds["default"], BASE, None),
             [],
         ),
     ]
     onnx_rows = [  # (label, build, adapter, the part of the build the size column counts)
-        ("olivepress default, adapter off", "default", infer.BASE, "model"),
+        ("olivepress default, adapter off", "default", BASE, "model"),
         ("olivepress default, adapter on (switchable)", "default", "travel", "adapters"),
         ("olivepress --adapter-mode merged", "merged", "travel", "model"),
-        ("olivepress sym256, adapter off", "sym256", infer.BASE, "model"),
+        ("olivepress sym256, adapter off", "sym256", BASE, "model"),
         ("olivepress sym256, adapter on (switchable)", "sym256", "travel", "adapters"),
         ("olivepress sym256 --adapter-mode merged", "sym256-merged", "travel", "model"),
     ]

@@ -1,7 +1,7 @@
 """What olivepress adds on top of onnxruntime-genai: decode tokens/s and time to first token of
 
   (a) the bare onnxruntime-genai loop (the lab's app.py on today's API: append_tokens, generate_next_token),
-  (b) ``stages.infer.Engine.generate`` (what ``olivepress infer`` runs),
+  (b) ``runtime.engine.Engine.generate`` (what ``olivepress infer`` runs),
   (c) ``olivepress serve`` over HTTP with streaming (a subprocess; the client reads the SSE chunks as they come),
 
 on the same model folder, the same prompt, adapter and greedy length, in one run; the three are interleaved
@@ -33,7 +33,9 @@ import click
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from stages import infer  # noqa: E402
+from contract import model_folder  # noqa: E402
+from contract.model_folder import BASE  # noqa: E402
+from runtime.engine import Engine, og_config  # noqa: E402
 
 PAUSE_S = 0.5
 PROMPT = "What is the best time of year to visit Paris, and what should I pack?"
@@ -66,7 +68,7 @@ def bare(model, tokenizer, adapters, adapter: str, ids: list[int], max_new: int)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + max_new, do_sample=False)
     generator = og.Generator(model, params)
-    if adapter != infer.BASE:
+    if adapter != BASE:
         generator.set_active_adapter(adapters, adapter)
     stream = tokenizer.create_stream()
     stamps, tokens = [], 0
@@ -80,7 +82,7 @@ def bare(model, tokenizer, adapters, adapter: str, ids: list[int], max_new: int)
     return _timing(start, stamps, tokens)
 
 
-def engine_run(engine: infer.Engine, adapter: str, max_new: int) -> Run:
+def engine_run(engine: Engine, adapter: str, max_new: int) -> Run:
     stamps: list[float] = []
     start = time.perf_counter()
     answer = engine.generate(PROMPT, adapter, max_new, echo=lambda piece: piece and stamps.append(time.perf_counter()))
@@ -125,7 +127,7 @@ def settled(run: Callable[[], Run]) -> Run:
 
 
 def start_server(folder: Path) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, "-m", "stages.serve", "--model-dir", str(folder), "--port", "0"]
+    cmd = [sys.executable, "-m", "runtime.serve", "--model-dir", str(folder), "--port", "0"]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         found = re.search(r"http://[^:]+:(\d+)/v1", line)
@@ -174,25 +176,24 @@ def describe(folder: Path) -> str:
 def measure(folder: Path, repeats: int, max_new: int, adapter: str | None) -> tuple[str, list[tuple[str, list[Run]]]]:
     import onnxruntime_genai as og
 
-    engine = infer.Engine(folder)  # olivepress's default threads: 0, one per core
-    adapter = adapter or (engine.adapter_names[0] if engine.adapter_names else infer.BASE)
+    engine = Engine(folder)  # olivepress's default threads: 0, one per core
+    adapter = engine.resolve(adapter) if adapter else (engine.adapter_names[0] if engine.adapter_names else BASE)
     # The bare loop gets its own model, as app.py would load it, with the same thread setting as the Engine and the
     # server: unset, onnxruntime-genai runs one thread, and the comparison would be of thread counts.
-    model = og.Model(infer.og_config(folder / "model", 0))
+    model = og.Model(og_config(folder / "model", 0))
     tokenizer = og.Tokenizer(model)
     adapters = og.Adapters(model)
     for name in engine.adapter_names:
-        adapters.load(str(folder / "adapters" / f"{name}{infer.ADAPTER_SUFFIX}"), name)
+        adapters.load(str(model_folder.adapter_file(folder, name)), name)
     ids = engine.prompt_tokens(PROMPT)
     proc, port = start_server(folder)
     results: dict[str, list[Run]] = {"bare onnxruntime-genai loop": [], "Engine.generate": [], "serve (HTTP, SSE)": []}
-    model_name = "base" if adapter == infer.BASE else adapter
     try:
         for i in range(repeats + 1):  # the first round warms every path up and is dropped
             runs = (
                 settled(lambda: bare(model, tokenizer, adapters, adapter, ids, max_new)),
                 settled(lambda: engine_run(engine, adapter, max_new)),
-                settled(lambda: server_run(port, model_name, max_new)),
+                settled(lambda: server_run(port, adapter, max_new)),
             )
             if i:
                 for key, run in zip(results, runs, strict=True):
@@ -226,7 +227,7 @@ def table(rows: list[tuple[str, list[Run]]]) -> list[str]:
 @click.option("--model-dir", "folders", multiple=True, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--max-new-tokens", default=128, show_default=True)
-@click.option("--adapter", default=None, help="Adapter name or 'none' [default: the first adapter].")
+@click.option("--adapter", default=None, help=f"An adapter's name or '{BASE}' [default: the first adapter].")
 @click.option("--note", "notes", multiple=True, help="A paragraph for the results file (repeatable).")
 @click.option(
     "--output", default=REPO / "benchmarks" / "results" / "serve_overhead.md", type=click.Path(path_type=Path)

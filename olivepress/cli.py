@@ -6,7 +6,8 @@ import click
 
 from olivepress import images, report, run, status, verify
 from olivepress.azureml import commands as azureml
-from stages import chat, finetune, infer, optimize, quantize, serve, tiny_model
+from runtime import chat, serve
+from stages import finetune, infer, optimize, quantize, tiny_model
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

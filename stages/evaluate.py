@@ -66,7 +66,7 @@ def onnx_loss(folder: Path, rows: list[dict[str, str]], template: str, adapter: 
     token at a time, reading the logits that predict each next token."""
     import numpy as np
 
-    from stages.infer import Engine
+    from runtime.engine import Engine
 
     engine = Engine(folder)
     total, count = 0.0, 0

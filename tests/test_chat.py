@@ -1,4 +1,4 @@
-"""stages.chat: the terminal chat, driven through stdin, on a model folder and through a running server."""
+"""runtime.chat: the terminal chat, driven through stdin, on a model folder and through a running server."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import infer
+from contract.model_folder import BASE
+from runtime.engine import Engine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,10 +28,10 @@ def chat(*args: str, stdin: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def expected(tiny_run) -> dict[str, str]:
     """What one greedy turn says with each model, from the engine directly."""
-    engine = infer.Engine(tiny_run / "optimize")
+    engine = Engine(tiny_run / "optimize")
     ids = engine.chat_tokens([{"role": "user", "content": "Hello there"}])
     out = {}
-    for name, adapter in (("travel", "travel"), ("base", infer.BASE)):
+    for name, adapter in (("travel", "travel"), ("base", BASE)):
         pieces = [p for t, p in engine.stream(ids, adapter, 8) if t not in engine.eos_token_ids]
         out[name] = "".join(pieces)
     return out

@@ -8,6 +8,8 @@ import sys
 
 from click.testing import CliRunner
 
+from contract.model_folder import BASE
+from runtime.engine import Engine
 from stages import infer
 
 
@@ -26,11 +28,11 @@ def test_infer_never_imports_torch_or_transformers(tiny_run, tmp_path):
 
 
 def test_an_adapter_changes_greedy_output_and_tokens_stream(tiny_run):
-    engine = infer.Engine(tiny_run / "optimize")
+    engine = Engine(tiny_run / "optimize")
     assert engine.adapter_names == ["travel"]
     pieces = []
     on = engine.generate("Where to in Spain?", "travel", 16, echo=pieces.append)
-    off = engine.generate("Where to in Spain?", infer.BASE, 16)
+    off = engine.generate("Where to in Spain?", BASE, 16)
     assert on.new_tokens == 16 and "".join(pieces) == on.text
     assert on.text != off.text
     assert engine.generate("Where to in Spain?", "travel", 16).text == on.text  # greedy: reproducible

@@ -119,13 +119,14 @@ def merged_home(tiny_run, tmp_path_factory):
 
 
 def test_merged_build_answers_as_the_adapter_and_keeps_what_finetuning_learned(merged_home, tiny_run):
-    from stages import infer
+    from contract.model_folder import BASE
+    from runtime.engine import Engine
 
-    engine = infer.Engine(merged_home / "optimize")
+    engine = Engine(merged_home / "optimize")
     assert engine.names == ["travel"] and not engine.has_base
     assert not list((merged_home / "optimize" / "adapters").iterdir())
     with pytest.raises(BadInput, match="merged in"):
-        engine.new_generator(infer.BASE, 8)
+        engine.new_generator(BASE, 8)
     merged, ids = onnx_last_logits(merged_home / "optimize", None)
     switchable, _ = onnx_last_logits(tiny_run / "optimize", "travel")
     base, _ = onnx_last_logits(tiny_run / "optimize", None)

@@ -1,4 +1,4 @@
-"""stages.serve: the OpenAI-compatible server, started as a user starts it and queried with the real openai client."""
+"""runtime.serve: the OpenAI-compatible server, started as a user starts it and queried with the real openai client."""
 
 from __future__ import annotations
 
@@ -111,14 +111,14 @@ def test_the_model_name_picks_the_adapter(server):
     on = ask(server.client, "travel", max_tokens=16).choices[0].message.content
     off = ask(server.client, "base", max_tokens=16).choices[0].message.content
     assert on != off
-    assert ask(server.client, "none", max_tokens=16).choices[0].message.content == off  # infer's name for base
+    assert ask(server.client, "none", max_tokens=16).choices[0].message.content == off  # an alias of base
     assert ask(server.client, "travel", max_tokens=16).choices[0].message.content == on  # greedy: reproducible
 
 
 def test_the_same_answer_as_infer_for_the_same_prompt(server, tiny_run):
-    from stages import infer
+    from runtime.engine import Engine
 
-    engine = infer.Engine(tiny_run / "optimize")
+    engine = Engine(tiny_run / "optimize")
     local = engine.generate("Hi", "travel", 10).text
     assert ask(server.client, "travel", "Hi", max_tokens=10).choices[0].message.content == local
 
@@ -229,16 +229,10 @@ def test_a_folder_that_is_not_a_model_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "not an optimized model folder" in result.stderr
 
 
-def test_the_image_entrypoint_dispatches_serve_chat_and_infer():
-    out = subprocess.run(
-        [sys.executable, "-m", "stages.infer", "--help"], capture_output=True, text=True, cwd=REPO
-    ).stdout
-    assert "Usage: python -m stages.infer" in out and "serve is the default command" in out
-    for verb in ("serve", "chat"):
-        out = subprocess.run(
-            [sys.executable, "-m", "stages.infer", verb, "--help"], capture_output=True, text=True, cwd=REPO
-        ).stdout
-        assert f"Usage: python -m stages.{verb}" in out
+def test_the_image_entrypoints_run_infer_serve_and_chat():
+    for module in ("stages.infer", "runtime.serve", "runtime.chat"):
+        out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO).stdout
+        assert f"Usage: python -m {module}" in out
 
 
 def test_a_merged_build_serves_only_its_adapter_and_with_the_threads_asked_for(tiny_run, tmp_path):

@@ -2,7 +2,7 @@
 
 Each line read is a user turn; the answer streams back as it is generated and the conversation is kept, so
 the model sees the whole history through its chat template. Lines starting with ``/`` are commands (``/help``).
-Runs in the slim image too: the standard library's urllib talks to a server, ``stages.infer.Engine`` to a folder.
+The standard library's urllib talks to a server, ``runtime.engine.Engine`` to a model folder.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Protocol
 
 import click
 
-from contract import model_folder, volume
-from stages import infer
+from contract import volume
+from runtime.engine import Engine, UnknownAdapter, resolve, threads_option
 
+ENVVAR_PREFIX = "OLIVEPRESS_CHAT"
 HELP = "commands: /model NAME (switch adapter), /models, /reset (forget the conversation), /quit (or Ctrl-D)"
 
 
@@ -35,13 +36,12 @@ class LocalBackend:
     """The model folder loaded here, through the same generation loop as infer and serve."""
 
     def __init__(self, folder: Path, threads: int = 0) -> None:
-        self.engine = infer.Engine(folder, threads)
+        self.engine = Engine(folder, threads)
 
     def models(self) -> list[str]:
         return self.engine.names
 
     def reply(self, messages: list[dict[str, str]], model: str, max_tokens: int, temperature: float) -> Iterator[str]:
-        adapter = model
         ids = self.engine.chat_tokens(messages)
         # The oldest turns go first when the conversation outgrows the context (the latest turn always stays).
         while len(ids) + max_tokens > self.engine.context_length and len(messages) > 2:
@@ -49,7 +49,7 @@ class LocalBackend:
             ids = self.engine.chat_tokens(messages)
         max_tokens = max(1, min(max_tokens, self.engine.context_length - len(ids)))
         eos = self.engine.eos_token_ids
-        for token, piece in self.engine.stream(ids, adapter, max_tokens, temperature=temperature, top_p=0.95):
+        for token, piece in self.engine.stream(ids, model, max_tokens, temperature=temperature, top_p=0.95):
             if token in eos:
                 break
             yield piece
@@ -102,7 +102,7 @@ class HttpBackend:
                         yield text
 
 
-@click.command("chat", context_settings={"auto_envvar_prefix": "OLIVEPRESS_CHAT", "show_default": True})
+@click.command("chat", context_settings={"auto_envvar_prefix": ENVVAR_PREFIX, "show_default": True})
 @volume.home_option("Volume root; the model is <home>/optimize unless --model-dir or --url")
 @click.option(
     "--model-dir",
@@ -118,7 +118,7 @@ class HttpBackend:
 @click.option(
     "--temperature", default=0.0, type=click.FloatRange(0, 2), show_envvar=True, help="0: greedy; above: sampled."
 )
-@infer.threads_option
+@threads_option
 def command(
     root: Path | None,
     model_dir: Path | None,
@@ -142,9 +142,10 @@ def command(
         folder = model_dir or volume.published(volume.home(root), "optimize")
         backend = LocalBackend(folder, threads)
     names = backend.models()
-    model = model or (names[1] if len(names) > 1 else names[0])
-    if model not in names and model not in model_folder.BASE_ALIASES:
-        raise click.BadParameter(f"no model named {model!r}; choose one of: {', '.join(names)}", param_hint="--model")
+    try:
+        model = resolve(model, names, noun="model") if model else (names[1] if len(names) > 1 else names[0])
+    except UnknownAdapter as error:
+        raise click.BadParameter(error.message, param_hint="--model") from None
     interactive = sys.stdin.isatty()
     click.secho(f"chatting with {model} (models: {', '.join(names)}); {HELP}", dim=True, err=True)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -168,9 +169,12 @@ def command(
                 click.secho("(conversation forgotten)", dim=True, err=True)
             elif word == "/models":
                 click.echo(", ".join(names))
-            elif word == "/model" and arg.strip() in (*names, *model_folder.BASE_ALIASES):
-                model = arg.strip()
-                click.secho(f"(now {model})", dim=True, err=True)
+            elif word == "/model":
+                try:
+                    model = resolve(arg.strip(), names, noun="model")
+                    click.secho(f"(now {model})", dim=True, err=True)
+                except UnknownAdapter as error:
+                    click.secho(error.message, dim=True, err=True)
             else:
                 click.secho(HELP, dim=True, err=True)
             continue
@@ -187,4 +191,4 @@ def command(
 
 
 if __name__ == "__main__":
-    command(prog_name="python -m stages.chat", auto_envvar_prefix="OLIVEPRESS_CHAT")
+    command(prog_name="python -m runtime.chat", auto_envvar_prefix=ENVVAR_PREFIX)

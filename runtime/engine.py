@@ -1,0 +1,188 @@
+"""One optimized model folder loaded in onnxruntime-genai, its LoRA adapters switched by name.
+
+The one generation loop (``Engine.stream``) that infer, serve and chat share; the one place a user's name for an
+adapter is resolved (``resolve``): an adapter's name, or ``model_folder.BASE`` for any of ``BASE_ALIASES``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from contract import model_folder
+from contract.exits import BadInput
+from contract.model_folder import BASE, BASE_ALIASES
+
+
+@dataclass
+class Answer:
+    prompt: str
+    adapter: str
+    text: str
+    new_tokens: int
+    time_to_first_token_ms: float
+    decode_tokens_per_s: float
+
+
+class UnknownAdapter(BadInput):
+    """A name that is neither one of the model's adapters nor, where the model has one, its base."""
+
+
+def resolve(name: object, names: Sequence[str], noun: str = "adapter") -> str:
+    """The served name that ``name`` asks for, out of ``names`` (an Engine's ``names``, or a server's models).
+
+    ``noun`` is what the user called it: ``--adapter`` in infer, ``model`` in the OpenAI API and the chat.
+    """
+    if name in BASE_ALIASES and BASE in names:
+        return BASE
+    if isinstance(name, str) and name in names:
+        return name
+    merged = "" if BASE in names else " (its adapter is merged in; build with --adapter-mode switchable)"
+    raise UnknownAdapter(f"no {noun} named {name!r}{merged}; choose one of: {', '.join(names)}")
+
+
+def threads_option(f):  # noqa: ANN001, ANN201 (a click decorator)
+    """``--threads``, shared by every command that loads an Engine."""
+    return click.option(
+        "--threads",
+        default=0,
+        type=click.IntRange(min=0),
+        show_default=True,
+        show_envvar=True,
+        help="CPU threads per generation step; 0 = one per core. (Left unset, onnxruntime-genai ran one thread: "
+        "half the decode speed on 2 cores.)",
+    )(f)
+
+
+def og_config(model_dir: Path, threads: int | None = 0):  # noqa: ANN201 (an onnxruntime_genai.Config)
+    """The model folder's onnxruntime-genai config with ``threads`` intra-op threads (0: one per core; None: as the
+    folder says, which onnxruntime-genai ran as one thread)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    if threads is not None:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return config
+
+
+class Engine:
+    """One loaded model and its adapters; ``stream`` generates tokens for one prompt."""
+
+    def __init__(self, folder: Path, threads: int = 0) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        model_dir = model_folder.model_dir(folder)
+        if not model_folder.is_model_folder(folder):
+            raise BadInput(
+                f"{folder} is not an optimized model folder (no model/genai_config.json); "
+                "run `olivepress optimize` or pass --model-dir with model/ and adapters/"
+            )
+        self.config = json.loads((model_dir / model_folder.GENAI_CONFIG).read_text())
+        self.model = og.Model(og_config(model_dir, threads))
+        self.tokenizer = og.Tokenizer(self.model)
+        self.adapters = og.Adapters(self.model)
+        merged = model_folder.merged_adapter(folder)
+        # A merged build serves its adapter's name and has no base to switch to.
+        self.has_base = merged is None
+        if self.has_base:
+            self.adapter_names = model_folder.adapter_names(folder)
+            for name in self.adapter_names:
+                self.adapters.load(str(model_folder.adapter_file(folder, name)), name)
+        else:
+            self.adapter_names = [merged]
+
+    @property
+    def names(self) -> list[str]:
+        """What a user may ask for: BASE (when there is one) and each adapter."""
+        return [BASE] * self.has_base + self.adapter_names
+
+    def resolve(self, name: object, noun: str = "adapter") -> str:
+        """``name`` as one of ``names`` (an alias of the base becomes BASE), or a BadInput naming the choices."""
+        return resolve(name, self.names, noun)
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        return self.chat_tokens([{"role": "user", "content": prompt}])
+
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """A whole conversation through the model's chat template, ready for the assistant's turn."""
+        text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        return list(self.tokenizer.encode(text))
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config["model"].get("context_length", 2048))
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        eos = self.config["model"].get("eos_token_id", [])
+        return set(eos if isinstance(eos, list) else [eos])
+
+    def new_generator(  # noqa: ANN201 (an onnxruntime_genai.Generator)
+        self, adapter: str, max_length: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None
+    ):
+        """A generator with ``adapter`` active (or none for BASE): greedy at temperature 0, else sampled."""
+        adapter = self.resolve(adapter)
+        params = self.og.GeneratorParams(self.model)
+        if temperature > 0:
+            options = {"max_length": max_length, "do_sample": True, "temperature": temperature, "top_p": top_p}
+            if seed is not None:
+                options["random_seed"] = seed
+            params.set_search_options(**options)
+        else:
+            params.set_search_options(max_length=max_length, do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        if adapter != BASE and self.has_base:
+            generator.set_active_adapter(self.adapters, adapter)
+        return generator
+
+    def stream(
+        self,
+        ids: list[int],
+        adapter: str,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Generator[tuple[int, str], None, None]:
+        """Yield (token id, text piece) for each new token; the one generation loop infer, serve and chat share.
+
+        Nothing is computed until the first item is asked for, and closing the iterator stops generation.
+        """
+        generator = self.new_generator(adapter, len(ids) + max_new_tokens, temperature, top_p, seed)
+        decoder = self.tokenizer.create_stream()
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            yield token, decoder.decode(token)
+
+    def generate(
+        self, prompt: str, adapter: str, max_new_tokens: int, echo: Callable[[str], object] | None = None
+    ) -> Answer:
+        """One greedy answer to ``prompt``, timed; ``echo`` gets each text piece as it comes."""
+        adapter = self.resolve(adapter)
+        ids = self.prompt_tokens(prompt)
+        start = time.perf_counter()
+        pieces, first = [], None
+        for _, piece in self.stream(ids, adapter, max_new_tokens):
+            if first is None:
+                first = time.perf_counter()
+            pieces.append(piece)
+            if echo:
+                echo(piece)
+        end = time.perf_counter()
+        n = len(pieces)
+        return Answer(
+            prompt=prompt,
+            adapter=adapter,
+            text="".join(pieces),
+            new_tokens=n,
+            time_to_first_token_ms=round(((first or end) - start) * 1000, 1),
+            decode_tokens_per_s=round((n - 1) / (end - first), 1) if n > 1 and first else 0.0,
+        )
