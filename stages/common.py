@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -120,7 +121,7 @@ def run_olive_workflow(workflow: dict[str, Any]) -> Path:
     for handler in logging.getLogger("olive").handlers:  # Olive prints INFO to stdout; the stage log has it all
         if type(handler) is logging.StreamHandler:
             handler.setLevel(logging.INFO if _console["verbose"] else logging.WARNING)
-    output = run(workflow)
+    output = run(copy.deepcopy(workflow))  # Olive pops keys off the config it is given
     if output is None or not output.has_output_model():
         passes = ", ".join(workflow["passes"])
         raise click.ClickException(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from contract import volume
-from stages import finetune, optimize, quantize
+from stages import common, finetune, optimize, quantize
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = Path("/volume/cache/tmp/stage-1")
@@ -234,3 +235,24 @@ def test_optimize_dry_run_needs_finetune_as_a_run_does(upstream_home):
     shutil.rmtree(upstream_home / "finetune")
     result, _ = dry_run(optimize.command, upstream_home)
     assert result.exit_code == 2 and "run `olivepress finetune` first" in result.output
+
+
+@pytest.mark.parametrize("stage", [quantize, finetune, optimize], ids=lambda module: module.command.name)
+def test_a_run_runs_the_workflow_its_dry_run_shows(stage, upstream_home, monkeypatch):
+    model = upstream_home / "base-model"  # what quantize reads a model's dtype from, before any work
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    args = ["--model", str(model)] if stage is quantize else []
+    _, shown = dry_run(stage.command, upstream_home, *args)
+    ran = []
+
+    def run_olive_workflow(workflow):
+        ran.append(workflow)
+        raise RuntimeError("stop before Olive")
+
+    monkeypatch.setattr(common, "run_olive_workflow", run_olive_workflow)
+    result = CliRunner().invoke(stage.command, ["--home", str(upstream_home), "--force", *args])
+    assert isinstance(result.exception, RuntimeError) and len(ran) == 1
+    # The scratch folder's random part is drawn when the run starts.
+    scratch_name = re.compile(rf"({stage.command.name}-)[a-z0-9_]{{8}}")
+    assert json.loads(scratch_name.sub(r"\1XXXXXXXX", json.dumps(ran[0]))) == shown["olive_workflow"]
