@@ -425,13 +425,23 @@ def published(root: Path, stage: str) -> Path:
     return stage_dir(root, stage)
 
 
+def _scratch_base(root: Path) -> Path:
+    return root / "cache" / "tmp"
+
+
 @contextmanager
 def scratch(root: Path, prefix: str) -> Iterator[Path]:
     """A temporary folder on the volume (not /tmp: real models do not fit there), removed afterwards."""
-    base = root / "cache" / "tmp"
+    base = _scratch_base(root)
     base.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def scratch_placeholder(root: Path, prefix: str) -> Path:
+    """The folder ``scratch(root, prefix)`` would make, for a dry run to show: its random part drawn at run time
+    is shown as XXXXXXXX. Nothing is created."""
+    return _scratch_base(root) / f"{prefix}XXXXXXXX"

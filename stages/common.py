@@ -1,8 +1,12 @@
-"""What every stage entrypoint shares: the volume options, Olive's workflow runner, device checks."""
+"""What every stage entrypoint shares: the volume options, the Olive workflow config and its runner, device checks,
+--dry-run."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -13,8 +17,8 @@ import click
 
 from contract import exits, lock, logs, volume
 
-# Packages whose versions every torch-side stage records in its manifest.
 _console = {"verbose": False}
+# Packages whose versions every torch-side stage records in its manifest.
 TORCH_STACK = ("olive-ai", "torch", "transformers", "peft", "accelerate", "tokenizers", "onnx", "onnxruntime")
 
 
@@ -65,40 +69,40 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def resolve_dtype(choice: str) -> str:
+def local_device() -> str:
+    """The device Olive targets on this machine: ``gpu`` where a CUDA GPU is visible, else ``cpu``."""
+    return "gpu" if has_cuda() else "cpu"
+
+
+def resolve_dtype(choice: str, device: str) -> str:
     """``auto`` is bfloat16 on a GPU and float32 on a CPU, where bf16 training is slow or unsupported."""
     if choice != "auto":
         return choice
-    return "bfloat16" if has_cuda() else "float32"
+    return "bfloat16" if device == "gpu" else "float32"
 
 
-def run_olive(
-    workdir: Path,
+EXECUTION_PROVIDERS = {"gpu": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def olive_workflow(
     input_model: dict[str, Any],
     passes: dict[str, Any],
+    workdir: Path,
+    device: str,
     data_configs: list[dict[str, Any]] | None = None,
-    target: str | None = None,
-) -> Path:
-    """Run one Olive workflow on this machine and return the folder of its output model.
+) -> dict[str, Any]:
+    """The Olive workflow config around a stage's passes: one local system for ``device`` (``gpu`` or ``cpu``,
+    the device the output model is for), Olive's cache and output inside ``workdir``.
 
-    ``target`` is the device the output model is for (optimize: always "cpu"); by default this machine's GPU.
     Olive gets a fresh cache inside ``workdir``: our manifests decide what to skip, and a stale
     Olive cache must never stand in for a rerun the user forced.
     """
-    from olive.workflows import run
-
-    for handler in logging.getLogger("olive").handlers:  # Olive prints INFO to stdout; the stage log has it all
-        if type(handler) is logging.StreamHandler:
-            handler.setLevel(logging.INFO if _console["verbose"] else logging.WARNING)
-
-    device = target or ("gpu" if has_cuda() else "cpu")
-    provider = "CUDAExecutionProvider" if device == "gpu" else "CPUExecutionProvider"
-    config = {
+    return {
         "input_model": {"type": "HfModel", **input_model},
         "systems": {
             "local_system": {
                 "type": "LocalSystem",
-                "accelerators": [{"device": device, "execution_providers": [provider]}],
+                "accelerators": [{"device": device, "execution_providers": [EXECUTION_PROVIDERS[device]]}],
             }
         },
         "data_configs": data_configs or [],
@@ -110,12 +114,48 @@ def run_olive(
         "no_artifacts": True,
         "log_severity_level": 1,
     }
-    output = run(config)
+
+
+def run_olive_workflow(workflow: dict[str, Any]) -> Path:
+    """Run an Olive workflow config on this machine and return the folder of its output model."""
+    from olive.workflows import run
+
+    for handler in logging.getLogger("olive").handlers:  # Olive prints INFO to stdout; the stage log has it all
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.INFO if _console["verbose"] else logging.WARNING)
+    output = run(copy.deepcopy(workflow))  # Olive pops keys off the config it is given
     if output is None or not output.has_output_model():
+        passes = ", ".join(workflow["passes"])
         raise click.ClickException(
-            f"Olive produced no output model (passes: {', '.join(passes)}); see the stage log for its reason"
+            f"Olive produced no output model (passes: {passes}); see the stage log for its reason"
         )
-    return workdir / "output"
+    return Path(workflow["output_dir"])
+
+
+def dry_run_option() -> Callable[[Callable], Callable]:
+    """--dry-run: print the Olive workflow a stage would run, then stop before any work."""
+    return click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Check the inputs, print the Olive workflow this run would run (JSON, with its paths) and the "
+        "parameters, and exit: no model is loaded or built, nothing is trained or written.",
+    )
+
+
+def print_dry_run(
+    stage: str, root: Path, parameters: dict[str, Any], paths: Any, workflow: dict[str, Any], **details: Any
+) -> None:
+    """A dry run's report, as JSON on stdout: the parameters, the paths (a stage's ``Paths``) and the Olive workflow
+    a run would use, and whatever else it would do first (``details``)."""
+    report = {
+        "stage": stage,
+        "publishes": str(volume.stage_dir(root, stage)),
+        "parameters": parameters,
+        "paths": dataclasses.asdict(paths),
+        "olive_workflow": workflow,
+        **details,
+    }
+    click.echo(json.dumps(report, indent=2, default=str))
 
 
 def copy_tokenizer(source: Path, target: Path) -> None:

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -41,8 +42,80 @@ def write_rows(rows: list[dict[str, str]], path: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Paths:
+    """What a finetune run's Olive workflows work on: the base model, a scratch folder and the device."""
+
+    base: Path  # the dequantized model LoRA trains on
+    workdir: Path  # scratch: the train rows, the job file and one folder per training process
+    train_rows: int  # how many rows the train file holds
+    device: str  # "gpu" or "cpu": where training runs
+
+    @property
+    def train_file(self) -> Path:
+        return self.workdir / "train.jsonl"
+
+    @property
+    def job_file(self) -> Path:
+        """What every torchrun process reads (``train_distributed``)."""
+        return self.workdir / "job.json"
+
+    def process_dir(self, process: int) -> Path:
+        return self.workdir / f"rank{process}"
+
+
+def olive_workflow(parameters: dict, paths: Paths, process: int = 0) -> dict:
+    """The Olive workflow of one training process (of ``parameters["processes"]``): the LoRA or QLoRA pass on the
+    train rows, in that process's own folder. ``parameters`` are the stage's."""
+    max_steps = parameters["max_steps"]
+    lora = {
+        "type": {"lora": "LoRA", "qlora": "QLoRA"}[parameters["method"]],
+        "train_data_config": "train_data",
+        "torch_dtype": parameters["torch_dtype"],
+        "r": parameters["rank"],
+        "alpha": parameters["alpha"],
+        "training_args": {
+            "max_steps": max_steps,
+            "learning_rate": parameters["learning_rate"],
+            "per_device_train_batch_size": parameters["batch_size"],
+            "seed": parameters["seed"],
+            "data_seed": parameters["seed"],
+            "logging_steps": max(1, max_steps // 10),
+            # Checkpointing trades compute for GPU memory; on a CPU it only slows training down.
+            "gradient_checkpointing": paths.device == "gpu",
+        },
+    }
+    if parameters["target_modules"]:
+        lora["target_modules"] = parameters["target_modules"]
+    if parameters["processes"] > 1 and paths.device == "gpu":
+        lora["device_map"] = "current_device"  # one GPU per process, not the whole model spread over all of them
+    train_data = {
+        "name": "train_data",
+        "type": "HuggingfaceContainer",
+        "load_dataset_config": {"data_name": "json", "split": "train", "data_files": [str(paths.train_file)]},
+        "pre_process_data_config": {
+            "text_template": parameters["text_template"],
+            "max_seq_len": parameters["max_seq_len"],
+            "add_special_tokens": False,
+            "max_samples": paths.train_rows,
+        },
+        "dataloader_config": {"batch_size": parameters["batch_size"]},
+    }
+    model = {"model_path": str(paths.base), "load_kwargs": {"attn_implementation": "eager"}}
+    return common.olive_workflow(model, {"lora": lora}, paths.process_dir(process), paths.device, [train_data])
+
+
+def training_job(parameters: dict, paths: Paths) -> dict:
+    """Everything the training processes run: the seed and each process's Olive workflow, by rank.
+
+    With ``--processes`` above 1 this is the job file every torchrun process reads (``paths.job_file``).
+    """
+    workflows = [olive_workflow(parameters, paths, process) for process in range(parameters["processes"])]
+    return {"seed": parameters["seed"], "workflows": workflows}
+
+
 def train(job: dict) -> Path:
-    """Run Olive's LoRA pass for one process and return the adapter folder it wrote.
+    """Run the Olive workflow of this process and return the adapter folder it wrote.
 
     Under torchrun (``train_distributed``) every process runs this: the Hugging Face Trainer inside Olive's pass
     finds the process group in the environment and trains data-parallel; each rank writes into its own folder
@@ -51,27 +124,24 @@ def train(job: dict) -> Path:
     import torch
 
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    workdir = Path(job["workdir"]) / f"rank{rank}"
-    passes = json.loads(json.dumps(job["passes"]))
     if os.environ.get("WORLD_SIZE", "1") != "1":
         if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)  # one GPU per process, not the whole model spread over all of them
-            passes["lora"]["device_map"] = "current_device"
+            torch.cuda.set_device(local_rank)
         else:
             os.environ["ACCELERATE_USE_CPU"] = "true"  # else the Trainer ignores the gloo group and trains alone
     torch.manual_seed(job["seed"])  # PEFT draws the LoRA A matrices before the trainer seeds anything
-    return common.run_olive(workdir, job["model"], passes, job["data_configs"]) / "adapter"
+    return common.run_olive_workflow(job["workflows"][rank]) / "adapter"
 
 
-def train_distributed(job: dict, processes: int) -> Path:
-    """Train with ``processes`` data-parallel processes through PyTorch's own launcher (torchrun)."""
-    job_file = Path(job["workdir"]) / "job.json"
+def train_distributed(job: dict, job_file: Path) -> Path:
+    """Train with one data-parallel process per workflow of ``job`` through PyTorch's own launcher (torchrun)."""
     job_file.write_text(json.dumps(job))
+    processes = len(job["workflows"])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     command += ["-m", "stages.finetune", "--train-job", str(job_file)]
     log.info("finetune: %s", " ".join(command))
     subprocess.run(command, check=True)
-    return Path(job["workdir"]) / "rank0" / "output" / "adapter"
+    return Path(job["workflows"][0]["output_dir"]) / "adapter"
 
 
 @common.stage_command("finetune")
@@ -108,6 +178,7 @@ def train_distributed(job: dict, processes: int) -> Path:
     default="auto",
     help="Training dtype; auto is bfloat16 on a GPU, float32 on a CPU.",
 )
+@common.dry_run_option()
 def command(
     root: Path,
     force: bool,
@@ -127,6 +198,7 @@ def command(
     processes: str,
     train_job: Path | None,
     torch_dtype: str,
+    dry_run: bool,
 ) -> None:
     """Train a LoRA adapter on the quantized model from a JSONL of prompt/response rows.
 
@@ -134,6 +206,7 @@ def command(
     Examples:
       olivepress finetune --max-steps 100
       olivepress finetune --data-files my.jsonl --rank 16 --learning-rate 1e-4
+      olivepress finetune --dry-run      # the Olive workflow it would run, as JSON
     """
     if train_job:  # one torchrun worker of train_distributed: train only, the parent publishes
         train(json.loads(train_job.read_text()))
@@ -142,10 +215,11 @@ def command(
     text_template = data.unescape(text_template)
     dataset = data.load_dataset(data_files, text_template)  # every row checked before any compute
     train_idx, heldout_idx = data.split(dataset, heldout_fraction, seed)
-    if method == "qlora" and not common.has_cuda():
+    device = common.local_device()
+    if method == "qlora" and device != "gpu":
         raise BadInput("--method qlora needs a CUDA GPU (bitsandbytes); on a CPU use --method lora")
     base = volume.upstream(root, "finetune", "quantize", "dequantized")
-    dtype = common.resolve_dtype(torch_dtype)
+    dtype = common.resolve_dtype(torch_dtype, device)
     parameters = {
         "method": method,
         "text_template": text_template,
@@ -171,48 +245,19 @@ def command(
         "train_sha256": data.rows_sha256(dataset, train_idx),
     }
 
+    if dry_run:
+        paths = Paths(base, volume.scratch_placeholder(root, "finetune-"), len(train_idx), device)
+        job = training_job(parameters, paths)
+        details = {"job_file": {"path": str(paths.job_file), "content": job}} if processes > 1 else {}
+        common.print_dry_run("finetune", root, parameters, paths, job["workflows"][0], **details)
+        return
+
     def work(out: Path) -> dict:
         with volume.scratch(root, "finetune-") as tmp:
-            train_file = write_rows([dataset.rows[i] for i in train_idx], tmp / "train.jsonl")
-            lora = {
-                "type": {"lora": "LoRA", "qlora": "QLoRA"}[method],
-                "train_data_config": "train_data",
-                "torch_dtype": dtype,
-                "r": rank,
-                "alpha": alpha,
-                "training_args": {
-                    "max_steps": max_steps,
-                    "learning_rate": learning_rate,
-                    "per_device_train_batch_size": batch_size,
-                    "seed": seed,
-                    "data_seed": seed,
-                    "logging_steps": max(1, max_steps // 10),
-                    # Checkpointing trades compute for GPU memory; on a CPU it only slows training down.
-                    "gradient_checkpointing": common.has_cuda(),
-                },
-            }
-            if parameters["target_modules"]:
-                lora["target_modules"] = parameters["target_modules"]
-            train_data = {
-                "name": "train_data",
-                "type": "HuggingfaceContainer",
-                "load_dataset_config": {"data_name": "json", "split": "train", "data_files": [str(train_file)]},
-                "pre_process_data_config": {
-                    "text_template": text_template,
-                    "max_seq_len": max_seq_len,
-                    "add_special_tokens": False,
-                    "max_samples": len(train_idx),
-                },
-                "dataloader_config": {"batch_size": batch_size},
-            }
-            job = {
-                "workdir": str(tmp),
-                "seed": seed,
-                "model": {"model_path": str(base), "load_kwargs": {"attn_implementation": "eager"}},
-                "passes": {"lora": lora},
-                "data_configs": [train_data],
-            }
-            adapter_dir = train(job) if processes == 1 else train_distributed(job, processes)
+            paths = Paths(base, tmp, len(train_idx), device)
+            write_rows([dataset.rows[i] for i in train_idx], paths.train_file)
+            job = training_job(parameters, paths)
+            adapter_dir = train(job) if processes == 1 else train_distributed(job, paths.job_file)
             shutil.move(str(adapter_dir), out / OUTPUTS["adapter"])
         # Paths on this machine would make identical runs differ: name the base by its place on the volume.
         config_file = out / OUTPUTS["adapter"] / "adapter_config.json"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -27,6 +28,8 @@ from stages import evaluate as evaluate_
 
 LORA_PROJECTIONS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj")
 LORA_PROJECTIONS += ("mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
+# The laptop's CPU, even when built on a GPU host (else genai_config asks for CUDA).
+TARGET_DEVICE = "cpu"
 
 
 def lora_matmul_names(num_layers: int) -> list[str]:
@@ -42,6 +45,53 @@ def lora_matmul_names(num_layers: int) -> list[str]:
         for projection in LORA_PROJECTIONS
         for ab in "AB"
     ]
+
+
+def int4_nodes_to_exclude(parameters: dict, num_layers: int) -> list[str]:
+    """The MatMuls the int4 quantizer leaves float: the output projection with --keep-lm-head, and a switchable
+    adapter's LoRA branches (``lora_matmul_names`` says why)."""
+    exclude = [] if parameters["quantize_lm_head"] else ["/lm_head/MatMul"]
+    if parameters["adapter_mode"] == "switchable":
+        exclude += lora_matmul_names(num_layers)
+    return exclude
+
+
+@dataclass(frozen=True)
+class Paths:
+    """What an optimize run's Olive workflow works on: the base model and adapter, a scratch folder, the device."""
+
+    base: Path  # the dequantized model the adapter was trained on
+    adapter: Path  # the PEFT adapter
+    num_layers: int  # the base's decoder layers (its config's num_hidden_layers)
+    workdir: Path  # scratch: Olive's cache and its output model
+    device: str  # the device the ONNX model is for
+
+
+def olive_workflow(parameters: dict, paths: Paths) -> dict:
+    """The Olive workflow of an optimize run: ModelBuilder with the adapter, then ExtractAdapters for a switchable
+    adapter. ``parameters`` are the stage's."""
+    builder: dict = {"type": "ModelBuilder", "precision": parameters["precision"]}
+    if parameters["precision"] == "int4":
+        builder["int4_block_size"] = parameters["int4_block_size"]
+        builder["int4_accuracy_level"] = parameters["int4_accuracy_level"]
+        # The default, asymmetric blocks of the quantizer's group size, is the closest grid to the weights' own.
+        builder["int4_is_symmetric"] = parameters["int4_symmetric"]
+        exclude = int4_nodes_to_exclude(parameters, paths.num_layers)
+        if exclude:
+            builder["int4_nodes_to_exclude"] = exclude
+    passes: dict = {"builder": builder}
+    if parameters["adapter_mode"] == "switchable":
+        passes["extract_adapters"] = {"type": "ExtractAdapters"}
+    model = {
+        "model_path": str(paths.base),
+        "adapter_path": str(paths.adapter),
+        "load_kwargs": {"attn_implementation": "eager"},
+    }
+    return common.olive_workflow(model, passes, paths.workdir, paths.device)
+
+
+def num_hidden_layers(model: Path) -> int:
+    return json.loads((model / "config.json").read_text())["num_hidden_layers"]
 
 
 @common.stage_command("optimize")
@@ -85,6 +135,7 @@ def lora_matmul_names(num_layers: int) -> list[str]:
 @click.option(
     "--evaluate/--no-evaluate", default=True, help="Score the ONNX model, adapter on and off, on held-out rows."
 )
+@common.dry_run_option()
 def command(
     root: Path,
     force: bool,
@@ -96,12 +147,14 @@ def command(
     adapter_mode: str,
     int4_accuracy_level: int,
     evaluate: bool,
+    dry_run: bool,
 ) -> None:
     """Build the int4 ONNX model and the separate LoRA adapter file with Olive.
 
     \b
-    Example:
+    Examples:
       olivepress optimize --precision int4 --adapter-name travel
+      olivepress optimize --dry-run      # the Olive workflow it would run, as JSON
     """
     if not adapter_name.isidentifier():
         raise BadInput(f"--adapter-name {adapter_name!r} must be letters, digits and underscores")
@@ -121,27 +174,16 @@ def command(
         "evaluate": evaluate,
     }
     switchable = adapter_mode == "switchable"
+    layers = num_hidden_layers(base)
+    if dry_run:
+        paths = Paths(base, adapter, layers, volume.scratch_placeholder(root, "optimize-"), TARGET_DEVICE)
+        common.print_dry_run("optimize", root, parameters, paths, olive_workflow(parameters, paths))
+        return
 
     def work(out: Path) -> dict:
-        builder: dict = {"type": "ModelBuilder", "precision": precision}
-        if precision == "int4":
-            builder["int4_block_size"] = int(int4_block_size)
-            builder["int4_accuracy_level"] = int4_accuracy_level
-            # The default, asymmetric blocks of the quantizer's group size, is the closest grid to the weights' own.
-            builder["int4_is_symmetric"] = int4_symmetric
-            exclude = [] if quantize_lm_head else ["/lm_head/MatMul"]
-            if switchable:
-                layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
-                exclude += lora_matmul_names(layers)
-            if exclude:
-                builder["int4_nodes_to_exclude"] = exclude
-        passes: dict = {"builder": builder}
-        if switchable:
-            passes["extract_adapters"] = {"type": "ExtractAdapters"}
-        model = {"model_path": str(base), "adapter_path": str(adapter), "load_kwargs": {"attn_implementation": "eager"}}
         with volume.scratch(root, "optimize-") as tmp:
-            # For the laptop's CPU, even when built on a GPU host (else genai_config asks for CUDA).
-            output = common.run_olive(tmp, model, passes, target="cpu")
+            paths = Paths(base, adapter, layers, tmp, TARGET_DEVICE)
+            output = common.run_olive_workflow(olive_workflow(parameters, paths))
             (out / model_folder.ADAPTERS).mkdir(parents=True)
             for weights in output.glob(f"*{model_folder.ADAPTER_SUFFIX}"):
                 shutil.move(str(weights), model_folder.adapter_file(out, adapter_name))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -32,15 +33,31 @@ TINY = "tiny"
 OUTPUTS = registry.STAGES["quantize"].outputs
 
 
-def resolve_model(model: str, root: Path) -> str:
-    """``tiny`` is the embedded default, built on first use; a folder is used as is; anything else is a hub id."""
-    if model != TINY:
-        return str(Path(model).resolve()) if Path(model).exists() else model
+@dataclass(frozen=True)
+class Paths:
+    """What a quantize run's Olive workflow works on: the model, a scratch folder and the device."""
+
+    model: str  # a local folder or a hub id
+    workdir: Path  # scratch: the calibration data, Olive's cache and its output model
+    device: str  # "gpu" or "cpu": where Olive quantizes
+
+    @property
+    def calibration(self) -> Path:
+        """The local dataset folder the calibrating algorithms read (``write_calibration`` fills it)."""
+        return self.workdir / "calibration"
+
+
+def model_source(model: str, root: Path) -> str:
+    """``tiny`` is the embedded default, in its folder on the volume; a folder is used as is; else a hub id."""
+    if model == TINY:
+        return str(volume.tiny_model_dir(root))
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def tiny_model_to_build(model: str, root: Path) -> Path | None:
+    """The folder the embedded default is built in on first use, while it is not built yet."""
     folder = volume.tiny_model_dir(root)
-    if not (folder / "config.json").is_file():
-        with lock.writer(root):
-            build_tiny_model(folder, data.DEFAULT_DATA, vocab_size=2048, seed=0, config_file=None)
-    return str(folder)
+    return folder if model == TINY and not (folder / "config.json").is_file() else None
 
 
 def model_dtype(model: str, trust_remote_code: bool) -> str:
@@ -71,42 +88,38 @@ def write_calibration(dataset: data.Dataset, samples: int, folder: Path) -> Path
     return folder
 
 
-def quantize(
-    model: str,
-    algorithm: str,
-    bits: int,
-    group_size: int,
-    calibration: Path | None,
-    max_seq_len: int,
-    trust_remote_code: bool,
-    workdir: Path,
-    out: Path,
-) -> None:
-    pass_type, _, _ = ALGORITHMS[algorithm]
-    config: dict = {"type": pass_type, "bits": bits}
+def olive_workflow(parameters: dict, paths: Paths) -> dict:
+    """The Olive workflow of a quantize run: one pass (AutoAWQQuantizer, Gptq or Rtn), calibrated on the local
+    dataset in ``paths.calibration`` where the algorithm calibrates. ``parameters`` are the stage's."""
+    algorithm = parameters["algorithm"]
+    pass_type, _, calibrates = ALGORITHMS[algorithm]
+    config: dict = {"type": pass_type, "bits": parameters["bits"]}
     data_configs = []
     if algorithm == "awq":
-        config["q_group_size"] = group_size
+        config["q_group_size"] = parameters["group_size"]
     else:
-        config["group_size"] = group_size
-    if calibration:
+        config["group_size"] = parameters["group_size"]
+    if calibrates:
         config["data_config"] = "calibration_data"
         data_configs.append(
             {
                 "name": "calibration_data",
                 "type": "HuggingfaceContainer",
                 # AutoAWQ calls datasets.load_dataset(data_name, split=...) itself: a local folder works for both.
-                "load_dataset_config": {"data_name": str(calibration), "split": "train"},
+                "load_dataset_config": {"data_name": str(paths.calibration), "split": "train"},
                 # One column name, not a list: AutoAWQ indexes each row with it.
-                "pre_process_data_config": {"input_cols": "text", "max_seq_len": max_seq_len},
+                "pre_process_data_config": {"input_cols": "text", "max_seq_len": parameters["max_seq_len"]},
                 "dataloader_config": {"batch_size": 1},
             }
         )
-    load_kwargs = {"attn_implementation": "eager", "trust_remote_code": trust_remote_code}
-    output = common.run_olive(
-        workdir, {"model_path": model, "load_kwargs": load_kwargs}, {"quantize": config}, data_configs
+    load_kwargs = {"attn_implementation": "eager", "trust_remote_code": parameters["trust_remote_code"]}
+    return common.olive_workflow(
+        {"model_path": paths.model, "load_kwargs": load_kwargs},
+        {"quantize": config},
+        paths.workdir,
+        paths.device,
+        data_configs,
     )
-    shutil.move(str(output / "model"), out)
 
 
 def dequantize(quantized: Path, out: Path, dtype: str) -> None:
@@ -213,6 +226,7 @@ def _dequantize_awq(quantized: Path, out: Path, dtype: str) -> None:
 @click.option("--heldout-fraction", default=0.1, help="Share of rows kept out of calibration, to score the models on.")
 @click.option("--seed", default=0, help="Seed of the train / held-out split (finetune's --seed must match).")
 @click.option("--evaluate/--no-evaluate", default=True, help="Score the base and quantized models on held-out rows.")
+@common.dry_run_option()
 def command(
     root: Path,
     force: bool,
@@ -228,6 +242,7 @@ def command(
     heldout_fraction: float,
     seed: int,
     evaluate: bool,
+    dry_run: bool,
 ) -> None:
     """Quantize a causal LM to 4-bit weights with Olive (AWQ, GPTQ or RTN).
 
@@ -235,9 +250,11 @@ def command(
     Examples:
       olivepress quantize                         # the tiny default, GPTQ on CPU
       olivepress quantize --model microsoft/Phi-3.5-mini-instruct --algorithm awq
+      olivepress quantize --dry-run               # the Olive workflow it would run, as JSON
     """
     _, needs_gpu, calibrates = ALGORITHMS[algorithm]
-    if needs_gpu and not common.has_cuda():
+    device = common.local_device()
+    if needs_gpu and device != "gpu":
         cpu_ones = ", ".join(a for a, (_, gpu, _) in sorted(ALGORITHMS.items()) if not gpu)
         raise BadInput(
             f"--algorithm {algorithm} needs a CUDA GPU and none is visible; on a CPU use --algorithm one of {cpu_ones}"
@@ -246,7 +263,8 @@ def command(
     dataset = data.load_dataset(calibration_data, text_template) if calibrates or evaluate else None
     if dataset:
         train_idx, heldout_idx = data.split(dataset, heldout_fraction, seed)
-    model = resolve_model(model, root)
+    tiny_folder = tiny_model_to_build(model, root)
+    model = model_source(model, root)
     parameters = {
         "algorithm": algorithm,
         "bits": int(bits),
@@ -263,25 +281,26 @@ def command(
     if dataset:
         inputs["calibration_data"] = calibration_data
 
+    if dry_run:
+        if not tiny_folder:
+            model_dtype(model, trust_remote_code)  # the check a run makes that the model loads
+        paths = Paths(model, volume.scratch_placeholder(root, "quantize-"), device)
+        details = {"builds_tiny_model_in": str(tiny_folder)} if tiny_folder else {}
+        common.print_dry_run("quantize", root, parameters, paths, olive_workflow(parameters, paths), **details)
+        return
+    if tiny_folder:
+        with lock.writer(root):
+            build_tiny_model(tiny_folder, data.DEFAULT_DATA, vocab_size=2048, seed=0, config_file=None)
     dtype = model_dtype(model, trust_remote_code)
 
     def work(out: Path) -> dict:
         with volume.scratch(root, "quantize-") as tmp:
-            calibration = None
+            paths = Paths(model, tmp, device)
             if calibrates:  # on the train rows only: the held-out rows must stay unseen
                 train = data.Dataset([dataset.rows[i] for i in train_idx], dataset.template, dataset.sha256)
-                calibration = write_calibration(train, calibration_samples, tmp / "calibration")
-            quantize(
-                model,
-                algorithm,
-                int(bits),
-                group_size,
-                calibration,
-                max_seq_len,
-                trust_remote_code,
-                tmp,
-                out / OUTPUTS["model"],
-            )
+                write_calibration(train, calibration_samples, paths.calibration)
+            output = common.run_olive_workflow(olive_workflow(parameters, paths))
+            shutil.move(str(output / "model"), out / OUTPUTS["model"])
         dequantize(out / OUTPUTS["model"], out / OUTPUTS["dequantized"], dtype)
         extra = {"base_model": model if not Path(model).exists() else Path(model).name, "dtype": dtype}
         if evaluate:
