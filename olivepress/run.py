@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import click
@@ -36,8 +37,13 @@ def _table(states: dict[str, tuple[str, str]]) -> Table:
     return table
 
 
-def run_stage_process(stage: str, root: Path, force: bool, env: dict[str, str], logs: Path) -> tuple[int, Path]:
-    """The stage in its own process (as its container runs it), holding this process's writer lock."""
+def run_stage_process(
+    stage: str, root: Path, force: bool, env: dict[str, str], logs: Path, progress: Callable[[str], None]
+) -> tuple[int, Path]:
+    """The stage in its own process (as its container runs it), holding this process's writer lock.
+
+    Its output goes to its console log; each line (or progress-bar update) is also handed to ``progress``.
+    """
     console_log = logs / f"{stage}.console.txt"
     command = [sys.executable, "-m", registry.STAGES[stage].module, "--home", str(root)] + (
         ["--force"] if force else []
@@ -47,9 +53,32 @@ def run_stage_process(stage: str, root: Path, force: bool, env: dict[str, str], 
         env, passed = {**env, lock.FD_ENV: str(held)}, (held,)
     else:
         passed = ()
-    with console_log.open("w") as out:
-        process = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, pass_fds=passed)
-    return process.returncode, console_log
+    with console_log.open("wb") as out:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, pass_fds=passed, bufsize=0
+        )
+        assert process.stdout is not None
+        pending = b""
+        for chunk in iter(lambda: process.stdout.read(4096), b""):
+            out.write(chunk)
+            # Progress bars rewrite their line with \r; the last complete piece is the stage's latest word.
+            *pieces, pending = re.split(rb"[\r\n]", pending + chunk)
+            latest = next((p for p in reversed(pieces) if PROGRESS.search(p)), None)
+            if latest is not None:
+                progress(latest.decode("utf-8", errors="replace").strip())
+    return process.wait(), console_log
+
+
+# What counts as progress in a stage's output: a bar or count (AWQ layers, training steps, shards), a training
+# log line, or olivepress's own step messages; library warnings do not.
+PROGRESS = re.compile(rb"\d+/\d+|\d+%|'loss'|olivepress")
+
+
+def progress_detail(line: str, width: int = 70) -> str:
+    """A stage's latest output line as one short table cell (progress bars without their bar)."""
+    line = re.sub(r"\|[^|]*\|", " ", line)  # tqdm's bar between the two pipes
+    line = re.sub(r"\s+", " ", line).strip()
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 @contextmanager
@@ -59,16 +88,17 @@ def writing(root: Path) -> Iterator[Path]:
     A home that cannot be written is still run: every stage that finds its work done skips (a read-only copy
     of a finished volume), and the first one that has to write says so. Its console logs go to a temporary folder.
     """
-    try:
-        with lock.writer(root) as took:
-            if took:
-                volume.clean_leftovers(root)
-            logs = root / "logs"
-            logs.mkdir(exist_ok=True)
-            yield logs
-    except lock.HomeNotWritable:
-        with tempfile.TemporaryDirectory(prefix="olivepress-logs-") as logs:
-            yield Path(logs)
+    with ExitStack() as stack:
+        try:
+            took = stack.enter_context(lock.writer(root))
+        except lock.HomeNotWritable:
+            yield Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="olivepress-logs-")))
+            return
+        if took:
+            volume.clean_leftovers(root)
+        logs = root / "logs"
+        logs.mkdir(exist_ok=True)
+        yield logs
 
 
 def _error_lines(console_log: Path, count: int = 8) -> str:
@@ -127,8 +157,13 @@ def command(
             states[stage] = ("running", f"log: {logs / (stage + '.console.txt')}")
             live.update(_table(states))
             clock = time.perf_counter()
+
+            def show(line: str, stage: str = stage) -> None:
+                states[stage] = ("running", progress_detail(line))
+                live.update(_table(states))
+
             try:
-                code, console_log = run_stage_process(stage, root, force, env, logs)
+                code, console_log = run_stage_process(stage, root, force, env, logs, show)
             except KeyboardInterrupt:
                 states[stage] = ("failed", "interrupted: nothing of this stage was published")
                 live.update(_table(states))
