@@ -39,13 +39,15 @@ def summary(total_nll: float, tokens: int) -> dict[str, float]:
 
 
 def torch_loss(model_dir: Path, rows: list[dict[str, str]], template: str, adapter_dir: Path | None = None) -> dict:
-    """Score a Hugging Face model folder (with a PEFT adapter on top if given) in float32 on the best device."""
+    """Score a Hugging Face model folder (with a PEFT adapter on top if given): in bfloat16 on a GPU (half the
+    memory of float32, and what the GPU trains in), in float32 on a CPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -62,8 +64,8 @@ def torch_loss(model_dir: Path, rows: list[dict[str, str]], template: str, adapt
 
 
 def onnx_loss(folder: Path, rows: list[dict[str, str]], template: str, adapter: str) -> dict:
-    """Score an optimize-layout folder through onnxruntime-genai: the prompt in one step, then the response one
-    token at a time, reading the logits that predict each next token."""
+    """Score an optimize-layout folder through onnxruntime-genai: each row in one forward pass, reading the logits
+    of every position (the model's ``logits`` output) that predicts a response token."""
     import numpy as np
 
     from runtime.engine import Engine
@@ -71,12 +73,12 @@ def onnx_loss(folder: Path, rows: list[dict[str, str]], template: str, adapter: 
     engine = Engine(folder)
     total, count = 0.0, 0
     for prompt_ids, response_ids in split_tokens(engine.tokenizer.encode, rows, template):
-        generator = engine.new_generator(adapter, len(prompt_ids) + len(response_ids) + 1)
-        generator.append_tokens(prompt_ids)
-        for token in response_ids:
-            logits = np.asarray(generator.get_logits(), dtype=np.float64)[0, -1]
-            top = logits.max()
-            total += float(top + np.log(np.exp(logits - top).sum()) - logits[token])
-            generator.append_tokens([token])
+        ids = prompt_ids + response_ids
+        generator = engine.new_generator(adapter, len(ids) + 1)
+        generator.append_tokens(ids)
+        logits = np.asarray(generator.get_output("logits"), dtype=np.float64)[0, len(prompt_ids) - 1 : -1]
+        top = logits.max(axis=-1, keepdims=True)
+        log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
+        total += float((log_norm - logits[np.arange(len(response_ids)), response_ids]).sum())
         count += len(response_ids)
     return summary(total, count)
