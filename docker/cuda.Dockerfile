@@ -56,6 +56,7 @@ RUN --mount=type=secret,id=extra_ca \
     && /opt/venv/bin/pip check
 
 COPY data/ /opt/olivepress/data/
+COPY contract/ /opt/olivepress/contract/
 COPY stages/ /opt/olivepress/stages/
 USER 1000:1000
 ENTRYPOINT ["python", "-m", "stages.quantize"]
@@ -82,6 +83,7 @@ RUN --mount=type=secret,id=extra_ca \
     && /opt/venv/bin/pip check
 
 COPY data/ /opt/olivepress/data/
+COPY contract/ /opt/olivepress/contract/
 COPY stages/ /opt/olivepress/stages/
 USER 1000:1000
 ENTRYPOINT ["python", "-m", "stages.finetune"]
@@ -108,6 +110,7 @@ RUN --mount=type=secret,id=extra_ca \
     && /opt/venv/bin/pip check
 
 COPY data/ /opt/olivepress/data/
+COPY contract/ /opt/olivepress/contract/
 COPY stages/ /opt/olivepress/stages/
 USER 1000:1000
 ENTRYPOINT ["python", "-m", "stages.optimize"]
