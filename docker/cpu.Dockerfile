@@ -1,13 +1,17 @@
-# The slim CPU inference image: the infer stage and onnxruntime-genai, nothing else (no torch, no transformers,
-# no compilers). What a laptop pulls to run the model folder the GPU pipeline produced.
+# The slim CPU images: onnxruntime-genai and the torch-free runtime, nothing else (no torch, no transformers, no
+# compilers), plus the Azure ML push image. One shared base and build, small targets:
 #
-#   docker buildx build -f docker/cpu.Dockerfile --target infer -t olivepress/infer .
-#   docker run --rm -p 8000:8000 -v "$PWD/artifacts:/workspace" olivepress/infer     # serve (the default)
-#   docker run --rm -v "$PWD/artifacts:/workspace" olivepress/infer infer --prompt "Hi"
+#   infer    the infer stage (the pipeline's last): answers with the adapter on and off, then exits
+#   server   the OpenAI-compatible API on port 8000, with a HEALTHCHECK (what a laptop runs)
+#   push     olivepress push / pull to Azure ML (compose's push and pull services)
+#
+#   docker buildx build -f docker/cpu.Dockerfile --target server -t olivepress/server .
+#   docker run --rm -p 8000:8000 -v "$PWD/artifacts:/workspace:ro" olivepress/server
+#   docker run --rm -v "$PWD/artifacts:/workspace" olivepress/infer --prompt "Hi"
 #   docker run --rm olivepress/infer --help
 #
 # The venv is built and trimmed in `build` (which has pip, binutils) and only the result is copied into the
-# final stage, as TGI's images do. Behind a TLS-intercepting proxy add `--secret id=extra_ca,src=ca.pem`.
+# slim runtime, as TGI's images do. Behind a TLS-intercepting proxy add `--secret id=extra_ca,src=ca.pem`.
 ARG BASE_IMAGE=debian:bookworm-slim
 ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG VERSION=0.0.0
@@ -81,39 +85,55 @@ RUN export DEBIAN_FRONTEND=noninteractive \
         /var/log/* /usr/share/common-licenses /usr/share/zoneinfo/right /usr/share/zoneinfo/posix \
     && python3 -c "import ssl, sqlite3, hashlib, json, zoneinfo, ctypes; print('python ok')"
 
-# --- infer: the slim runtime ------------------------------------------------------------------------------
-FROM scratch AS infer
+# --- slim: the runtime both slim targets share -----------------------------------------------------------
+FROM scratch AS slim
 
 # The whole pruned tree is the point (see rootfs above).
 # hadolint ignore=DL3067
 COPY --from=rootfs / /
 COPY --from=build /opt/venv /opt/venv
-COPY data/ /opt/olivepress/data/
-COPY stages/ /opt/olivepress/stages/
+COPY contract/ /opt/olivepress/contract/
+COPY runtime/ /opt/olivepress/runtime/
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     LANG=C.UTF-8 \
     PYTHONPATH=/opt/olivepress \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    OLIVEPRESS_HOME=/workspace \
-    OLIVEPRESS_SERVE_HOST=0.0.0.0 \
-    OLIVEPRESS_SERVE_PORT=8000
+    OLIVEPRESS_HOME=/workspace
 WORKDIR /workspace
 USER 1000:1000
-EXPOSE 8000
-# No curl here: Python's urllib asks the server. Only `serve` listens; the check fails (harmlessly) for other verbs.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen(f\"http://127.0.0.1:{os.environ.get('OLIVEPRESS_SERVE_PORT', '8000')}/health\", timeout=4)"]
-# stages.infer dispatches: `serve` and `chat` as first argument run those verbs, anything else is infer's
-# (so `docker run IMAGE --help`, `IMAGE --prompt ...` and `IMAGE infer ...` run infer, as they always did).
+
+# --- infer: the infer stage, the pipeline's last ------------------------------------------------------------
+FROM slim AS infer
+
+COPY stages/__init__.py stages/common.py stages/infer.py /opt/olivepress/stages/
 ENTRYPOINT ["python", "-m", "stages.infer"]
-CMD ["serve"]
 # Declared here, after every RUN: a new revision changes only the labels, never a cached layer.
 ARG VERSION
 ARG REVISION
 ARG SOURCE
 LABEL org.opencontainers.image.title="olivepress-infer" \
-      org.opencontainers.image.description="olivepress serve (OpenAI-compatible API) and infer: onnxruntime-genai on CPU, LoRA adapters by name; no torch" \
+      org.opencontainers.image.description="olivepress infer stage: onnxruntime-genai on CPU, answers with the adapter on and off; no torch" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="MIT"
+
+# --- server: the OpenAI-compatible API ---------------------------------------------------------------------
+FROM slim AS server
+
+ENV OLIVEPRESS_SERVE_HOST=0.0.0.0 \
+    OLIVEPRESS_SERVE_PORT=8000
+EXPOSE 8000
+# No curl here: Python's urllib asks the server.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen(f\"http://127.0.0.1:{os.environ.get('OLIVEPRESS_SERVE_PORT', '8000')}/health\", timeout=4)"]
+ENTRYPOINT ["python", "-m", "runtime.serve"]
+ARG VERSION
+ARG REVISION
+ARG SOURCE
+LABEL org.opencontainers.image.title="olivepress-server" \
+      org.opencontainers.image.description="olivepress serve: an OpenAI-compatible API on onnxruntime-genai (CPU), LoRA adapters by name; no torch" \
       org.opencontainers.image.source="${SOURCE}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.version="${VERSION}" \
@@ -136,8 +156,9 @@ RUN --mount=type=secret,id=extra_ca \
 FROM base AS push
 
 COPY --from=push-build /opt/push-venv /opt/venv
-COPY olivepress/__init__.py olivepress/azureml.py /opt/olivepress/olivepress/
-COPY stages/__init__.py stages/volume.py /opt/olivepress/stages/
+COPY contract/ /opt/olivepress/contract/
+COPY olivepress/__init__.py /opt/olivepress/olivepress/
+COPY olivepress/azureml/ /opt/olivepress/olivepress/azureml/
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     LANG=C.UTF-8 \
     PYTHONPATH=/opt/olivepress \

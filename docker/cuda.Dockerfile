@@ -43,6 +43,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     OLIVEPRESS_HOME=/workspace
 WORKDIR /workspace
 
+# --- code: what the stages import, copied whole into each stage image after its pip layer -------------------
+# stages/ and data/, the contract, and runtime/ (the ONNX evaluation and infer run the torch-free engine).
+FROM scratch AS code
+COPY contract/ /opt/olivepress/contract/
+COPY runtime/ /opt/olivepress/runtime/
+COPY stages/ /opt/olivepress/stages/
+COPY data/ /opt/olivepress/data/
+
 # --- quantize: + AutoAWQ ---------------------------------------------------------------------------------
 FROM build AS quantize
 ARG PIP_INDEX_URL
@@ -55,8 +63,7 @@ RUN --mount=type=secret,id=extra_ca \
     pip-install /opt/venv /requirements/quantize.txt \
     && /opt/venv/bin/pip check
 
-COPY data/ /opt/olivepress/data/
-COPY stages/ /opt/olivepress/stages/
+COPY --from=code /opt/olivepress/ /opt/olivepress/
 USER 1000:1000
 ENTRYPOINT ["python", "-m", "stages.quantize"]
 # Declared here, after every RUN: a new revision changes only the labels, never a cached layer.
@@ -81,8 +88,7 @@ RUN --mount=type=secret,id=extra_ca \
     pip-install /opt/venv /requirements/finetune.txt \
     && /opt/venv/bin/pip check
 
-COPY data/ /opt/olivepress/data/
-COPY stages/ /opt/olivepress/stages/
+COPY --from=code /opt/olivepress/ /opt/olivepress/
 USER 1000:1000
 ENTRYPOINT ["python", "-m", "stages.finetune"]
 # Declared here, after every RUN: a new revision changes only the labels, never a cached layer.
@@ -107,8 +113,7 @@ RUN --mount=type=secret,id=extra_ca \
     pip-install /opt/venv /requirements/optimize.txt \
     && /opt/venv/bin/pip check
 
-COPY data/ /opt/olivepress/data/
-COPY stages/ /opt/olivepress/stages/
+COPY --from=code /opt/olivepress/ /opt/olivepress/
 USER 1000:1000
 ENTRYPOINT ["python", "-m", "stages.optimize"]
 # Declared here, after every RUN: a new revision changes only the labels, never a cached layer.

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from olivepress import images, report, run, status, verify
+from olivepress import report, run, status, verify
 from olivepress.azureml import commands as azureml
+from olivepress.docker import commands as docker_commands
 from runtime import chat, serve
 from stages import finetune, infer, optimize, quantize, tiny_model
 
@@ -22,6 +23,8 @@ def main() -> None:
       optimize   int4 ONNX for onnxruntime-genai, the adapter kept separate
       infer      generate with the adapter on and off
     `olivepress run` does all four; `olivepress status` shows the volume.
+    `olivepress docker build|up|infer` builds the images and runs them
+    (`olivepress build` and `olivepress up` are short for the first two).
     Every option also reads an environment variable: OLIVEPRESS_HOME, and
     OLIVEPRESS_<STAGE>_<OPTION> for stage options (see each --help).
     """
@@ -36,11 +39,12 @@ for verb, command in {
     "quantize": quantize.command,
     "finetune": finetune.command,
     "optimize": optimize.command,
-    "infer": images.with_image_option(infer.command),
+    "infer": infer.command,
     "serve": serve.command,
     "chat": chat.command,
-    "build": images.build,
-    "up": images.up,
+    "docker": docker_commands.docker,
+    "build": docker_commands.build,
+    "up": docker_commands.up,
     "azureml": azureml.azureml,
     "push": azureml.push,
     "pull": azureml.pull,

@@ -1,11 +1,12 @@
-"""The containers, for real: a Docker engine, buildx builds of all four images, compose runs on CPU.
+"""The containers, for real: a Docker engine, buildx builds of every image, compose runs on CPU.
 
-Tests that need an engine start one (scripts/install-docker.sh, as root) when none answers, and skip with the
-reason only when none can be started; with OLIVEPRESS_REQUIRE_DOCKER=1 (CI) they fail instead of skipping.
-The images are built once per session with `python -m olivepress.images build` (BuildKit cache: seconds when
-CI already built them). BASE_IMAGE picks the base (default: debian:bookworm-slim if present, else the
-debootstrap stand-in from scripts/make-base-image.sh); OLIVEPRESS_EXTRA_CA an extra CA (default: the host's
-bundle, which is harmless where no proxy intercepts TLS and needed where one does).
+The tests marked `docker` need an engine; the others run without one. Those that need an engine start one
+(scripts/install-docker.sh, as root) when none answers, and skip with the reason only when none can be started;
+with OLIVEPRESS_REQUIRE_DOCKER=1 (CI) they fail instead of skipping. The images are built once per session with
+`python -m olivepress.cli docker build` (BuildKit cache: seconds when CI already built them). BASE_IMAGE picks
+the base (default: debian:bookworm-slim if present, else the debootstrap stand-in from
+scripts/make-base-image.sh); OLIVEPRESS_EXTRA_CA an extra CA (default: the host's bundle, which is harmless where
+no proxy intercepts TLS and needed where one does).
 """
 
 from __future__ import annotations
@@ -20,19 +21,26 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from olivepress import images
+from contract import registry
+from contract.exits import NoDocker
+from olivepress.docker import build, commands, container, engine
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 TAG = os.environ.get("OLIVEPRESS_TAG", "latest")
-REFS = {name: images.image_ref(name, "olivepress", TAG) for name in images.IMAGES}
+REFS = {name: build.image_ref(name, "olivepress", TAG) for name in build.IMAGES}
+# What each image runs: a stage's image its stage module, the others their own.
+ENTRYPOINTS = {s.image: s.module for s in registry.PIPELINE} | {"server": "runtime.serve", "push": "olivepress.azureml"}
+SLIM_IMAGES = ("infer", "server")
+SLIM_GOAL_BYTES = 200e6
 
 
 def launcher(*args: str, env: dict | None = None, timeout: int = 1800) -> subprocess.CompletedProcess:
-    """The container verbs as a user runs them, in a fresh process."""
+    """The container verbs as a user runs them (`olivepress docker ...`), in a fresh process."""
     return subprocess.run(
-        [sys.executable, "-m", "olivepress.images", *args],
+        [sys.executable, "-m", "olivepress.cli", "docker", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -45,11 +53,11 @@ def launcher(*args: str, env: dict | None = None, timeout: int = 1800) -> subpro
 
 
 @pytest.mark.parametrize(
-    "args", [("build", "infer"), ("up", "--cpu"), ("infer-image", "olivepress/infer:latest", "--home", "x")]
+    "args", [("build", "infer"), ("up", "--cpu"), ("infer", "--image", "olivepress/infer:latest", "--home", "x")]
 )
 def test_a_missing_engine_is_a_clear_message_not_a_traceback(args, tmp_path):
     result = launcher(*args, env={"DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"})
-    assert result.returncode == 3, result.stderr
+    assert result.returncode == 4, result.stderr
     assert "No Docker engine answers" in result.stderr
     assert "scripts/install-docker.sh" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
@@ -80,6 +88,23 @@ def test_the_cuda_locks_agree_on_every_shared_package():
     assert "torch" not in pins("infer") and "transformers" not in pins("infer")
 
 
+def test_the_image_table_builds_the_stages_in_pipeline_order_then_server_and_push():
+    assert list(build.IMAGES) == [*(s.image for s in registry.PIPELINE), "server", "push"]
+    for stage in registry.PIPELINE:
+        assert (build.IMAGES[stage.image].dockerfile, build.IMAGES[stage.image].target) == (
+            stage.dockerfile,
+            stage.target,
+        )
+
+
+def test_the_laptop_compose_file_serves_by_default_and_infers_on_request():
+    services = yaml.safe_load((REPO / "compose.laptop.yaml").read_text())["services"]
+    assert [name for name, service in services.items() if not service.get("profiles")] == ["serve"]
+    assert "/server:" in services["serve"]["image"] and services["serve"]["build"]["target"] == "server"
+    assert any(str(port).endswith(":8000") for port in services["serve"]["ports"])
+    assert services["infer"]["build"]["target"] == "infer" and "command" not in services["infer"]
+
+
 # --- engine fixtures --------------------------------------------------------------------------------------
 
 
@@ -92,16 +117,16 @@ def _skip_or_fail(reason: str) -> None:
 @pytest.fixture(scope="session")
 def client():
     try:
-        return images.engine()
-    except images.EngineError as first:
+        return engine.client()
+    except NoDocker as first:
         detail = str(first.message).splitlines()[0]
     script = REPO / "scripts" / "install-docker.sh"
     if os.geteuid() != 0 or not Path("/etc/debian_version").exists():
         _skip_or_fail(f"no Docker engine answers and none can be started here (not root on Debian): {detail}")
     started = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600)
     try:
-        return images.engine()
-    except images.EngineError as second:
+        return engine.client()
+    except NoDocker as second:
         _skip_or_fail(
             f"no Docker engine could be started: scripts/install-docker.sh exited {started.returncode}: "
             f"{started.stderr.strip()[-500:]} / {second.message.splitlines()[0]}"
@@ -115,8 +140,8 @@ def base_image(client) -> str:
     import docker
 
     try:
-        client.images.get(images.DEFAULT_BASE_IMAGE)
-        return images.DEFAULT_BASE_IMAGE
+        client.images.get(build.DEFAULT_BASE_IMAGE)
+        return build.DEFAULT_BASE_IMAGE
     except docker.errors.ImageNotFound:
         pass
     made = subprocess.run(["bash", str(REPO / "scripts" / "make-base-image.sh")], capture_output=True, text=True)
@@ -134,14 +159,14 @@ def extra_ca() -> Path | None:
 
 @pytest.fixture(scope="session")
 def built(client, base_image, extra_ca) -> dict[str, str]:
-    """All four images, built from this checkout (cached layers make a rebuild take seconds)."""
+    """Every image, built from this checkout (cached layers make a rebuild take seconds)."""
     args = ["build", "--base-image", base_image, "--tag", TAG, "--progress", "plain"]
     if extra_ca is not None:
         args += ["--extra-ca", str(extra_ca)]
     started = time.monotonic()
     result = launcher(*args)
     assert result.returncode == 0, result.stderr[-5000:]
-    print(f"\n[images] build of all four: {time.monotonic() - started:.1f} s", file=sys.stderr)
+    print(f"\n[images] build of every image: {time.monotonic() - started:.1f} s", file=sys.stderr)
     return REFS
 
 
@@ -154,7 +179,7 @@ def _compose_down(project: str, *files: str) -> None:
 
 @pytest.fixture(scope="session")
 def cpu_run(built, client, tmp_path_factory):
-    """`olivepress up --cpu` from an empty volume; yields the launcher's result and a host copy of the volume."""
+    """`olivepress docker up --cpu` from an empty volume; yields the launcher's result and a host copy of the volume."""
     project = "olivepress-test"
     started = time.monotonic()
     result = launcher("up", "--cpu", "--fresh", "-p", project)
@@ -177,14 +202,16 @@ def cpu_run(built, client, tmp_path_factory):
 # --- the images -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", images.STAGE_ORDER)
+@pytest.mark.docker
+@pytest.mark.parametrize("name", registry.NAMES)
 def test_docker_run_image_help_teaches_the_stage(built, client, name):
-    out = client.containers.run(built[name], command=["--help"], remove=True).decode()
+    out = client.containers.run(built[registry.STAGES[name].image], command=["--help"], remove=True).decode()
     assert f"Usage: python -m stages.{name}" in out
     assert "--home" in out
 
 
-@pytest.mark.parametrize("name", list(images.IMAGES))
+@pytest.mark.docker
+@pytest.mark.parametrize("name", list(build.IMAGES))
 def test_images_run_as_non_root_with_oci_labels(built, client, name):
     attrs = client.images.get(built[name]).attrs["Config"]
     assert attrs["User"] and attrs["User"].split(":")[0] not in ("0", "root")
@@ -193,20 +220,37 @@ def test_images_run_as_non_root_with_oci_labels(built, client, name):
     assert labels["org.opencontainers.image.revision"].startswith(head)
     assert labels["org.opencontainers.image.source"]
     assert labels["org.opencontainers.image.version"] not in ("", "0.0.0")
-    module = "olivepress.azureml" if name == "push" else f"stages.{name}"
-    assert attrs["Entrypoint"] == ["python", "-m", module]
+    assert attrs["Entrypoint"] == ["python", "-m", ENTRYPOINTS[name]]
 
 
-def test_inference_image_has_onnxruntime_genai_and_no_torch_transformers_or_compiler(built, client):
+@pytest.mark.docker
+def test_only_the_server_image_listens_and_has_a_healthcheck(built, client):
+    infer, server = (client.images.get(built[name]).attrs["Config"] for name in SLIM_IMAGES)
+    assert not infer.get("ExposedPorts") and not infer.get("Healthcheck"), infer
+    assert "8000/tcp" in server["ExposedPorts"] and server["Healthcheck"]["Test"][0] == "CMD", server
+    assert {"OLIVEPRESS_SERVE_HOST=0.0.0.0", "OLIVEPRESS_SERVE_PORT=8000"} <= set(server["Env"])
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("name", SLIM_IMAGES)
+def test_slim_images_stay_small(built, client, name):
+    size = client.images.get(built[name]).attrs["Size"]
+    assert size <= SLIM_GOAL_BYTES, build.human_size(size)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("name", SLIM_IMAGES)
+def test_inference_image_has_onnxruntime_genai_and_no_torch_transformers_or_compiler(built, client, name):
     probe = (
         "import importlib.util as u, shutil, onnxruntime_genai as og; "
         "print(og.__version__, [m for m in ('torch', 'transformers') if u.find_spec(m)], "
         "[c for c in ('cc', 'gcc', 'g++', 'clang', 'ld', 'pip') if shutil.which(c)])"
     )
-    out = client.containers.run(built["infer"], entrypoint=["python", "-c", probe], remove=True).decode().strip()
+    out = client.containers.run(built[name], entrypoint=["python", "-c", probe], remove=True).decode().strip()
     assert out.endswith("[] []"), out
 
 
+@pytest.mark.docker
 def test_cuda_images_share_the_torch_layer(built, client):
     layers = {n: client.images.get(built[n]).attrs["RootFS"]["Layers"] for n in ("quantize", "finetune", "optimize")}
     shared = os.path.commonprefix(list(layers.values()))
@@ -220,6 +264,7 @@ def _pem_blocks(text: str) -> set[str]:
     return set(re.findall(r"-----BEGIN CERTIFICATE-----\s+(.+?)\s+-----END CERTIFICATE-----", text, re.S))
 
 
+@pytest.mark.docker
 def test_no_image_holds_the_extra_ca(built, extra_ca, client):
     """The build's extra CA (the certificates in it that no public bundle has) is in no layer of any image."""
     if extra_ca is None:
@@ -258,6 +303,7 @@ def test_no_image_holds_the_extra_ca(built, extra_ca, client):
 # --- compose ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.docker
 def test_compose_cpu_pipeline_runs_every_stage(cpu_run):
     result, volume = cpu_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -277,12 +323,13 @@ def _check_answers(home: Path, since: float) -> list[dict]:
     return answers
 
 
+@pytest.mark.docker
 def test_inference_image_runs_alone_on_the_produced_folder(cpu_run, built, tmp_path):
     result, volume = cpu_run
     assert result.returncode == 0, "the compose run failed; see test_compose_cpu_pipeline_runs_every_stage"
     chunks: list[str] = []
     started = time.time()
-    code = images.infer_image(
+    code = container.run_infer(
         built["infer"],
         volume,
         ["--force", "--prompt", "What should I pack for Lisbon?", "--max-new-tokens", "12"],
@@ -293,6 +340,7 @@ def test_inference_image_runs_alone_on_the_produced_folder(cpu_run, built, tmp_p
     assert {a["prompt"] for a in answers} == {"What should I pack for Lisbon?"}
 
 
+@pytest.mark.docker
 def test_laptop_compose_runs_only_the_inference_image(cpu_run, built):
     result, volume = cpu_run
     assert result.returncode == 0, "the compose run failed; see test_compose_cpu_pipeline_runs_every_stage"
@@ -310,6 +358,7 @@ def test_laptop_compose_runs_only_the_inference_image(cpu_run, built):
     _check_answers(volume, started)
 
 
+@pytest.mark.docker
 def test_a_failing_stage_stops_the_stages_after_it(built):
     project = "olivepress-test-fail"
     try:
@@ -323,50 +372,49 @@ def test_a_failing_stage_stops_the_stages_after_it(built):
         assert re.search(rf"{stage}\s+│\s+not run \(quantize failed\)", result.stderr), result.stderr[-3000:]
 
 
-def test_infer_with_image_option_runs_the_stage_in_the_image(cpu_run, built):
-    """What `olivepress infer --image` does: the stage's own options, run in the slim image on the host folder."""
+@pytest.mark.docker
+def test_docker_infer_runs_the_stage_in_the_image(cpu_run, built):
+    """What `olivepress docker infer` does: the stage's own options, run in the slim image on the host folder."""
     from click.testing import CliRunner
-
-    from stages import infer
 
     result, volume = cpu_run
     assert result.returncode == 0, "the compose run failed; see test_compose_cpu_pipeline_runs_every_stage"
-    command = images.with_image_option(infer.command)
-    assert "--image" in CliRunner().invoke(command, ["--help"]).output
+    assert "--image" in CliRunner().invoke(commands.docker, ["infer", "--help"]).output
     started = time.time()
     args = ["--image", built["infer"], "--home", str(volume), "--force", "--prompt", "Hi", "--max-new-tokens", "6"]
-    run = CliRunner().invoke(command, args)
+    run = CliRunner().invoke(commands.docker, ["infer", *args])
     assert run.exit_code == 0, run.output[-3000:]
     assert "infer: done" in run.output and "/workspace/infer" in run.output  # it ran in the container
     assert {a["prompt"] for a in _check_answers(volume, started)} == {"Hi"}
 
 
-def test_inference_image_serves_the_openai_api_by_default(built, client, tiny_run):
+@pytest.mark.docker
+def test_server_image_serves_the_openai_api_by_default(built, client, tiny_run):
     """`docker run IMAGE` (no command) serves; the real openai client streams from it; its HEALTHCHECK passes."""
     openai = pytest.importorskip("openai")
-    attrs = client.images.get(built["infer"]).attrs["Config"]
-    assert attrs["Cmd"] == ["serve"] and "8000/tcp" in attrs["ExposedPorts"]
+    attrs = client.images.get(built["server"]).attrs["Config"]
+    assert not attrs["Cmd"] and "8000/tcp" in attrs["ExposedPorts"]
     folder = tiny_run / "optimize"
     st = folder.stat()
-    container = client.containers.run(
-        built["infer"],
+    server = client.containers.run(
+        built["server"],
         volumes={str(folder): {"bind": "/model", "mode": "ro"}},
         environment={"OLIVEPRESS_SERVE_MODEL_DIR": "/model"},
         ports={"8000/tcp": ("127.0.0.1", None)},
-        user=f"{st.st_uid}:{st.st_gid}",  # the folder's owner, as infer_image does (pytest's tmp is private)
+        user=f"{st.st_uid}:{st.st_gid}",  # the folder's owner, as run_infer does (pytest's tmp is private)
         detach=True,
     )
     try:
         deadline, port = time.monotonic() + 60, None
         while time.monotonic() < deadline:
-            container.reload()
-            assert container.status in ("created", "running"), container.logs().decode()[-3000:]
-            bound = (container.attrs["NetworkSettings"]["Ports"] or {}).get("8000/tcp")
-            if bound and "serve:" in container.logs().decode():
+            server.reload()
+            assert server.status in ("created", "running"), server.logs().decode()[-3000:]
+            bound = (server.attrs["NetworkSettings"]["Ports"] or {}).get("8000/tcp")
+            if bound and "serve:" in server.logs().decode():
                 port = bound[0]["HostPort"]
                 break
             time.sleep(0.5)
-        assert port, container.logs().decode()[-3000:]
+        assert port, server.logs().decode()[-3000:]
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=2, timeout=60)
         assert [m.id for m in api.models.list()] == ["base", "travel"]
         messages = [{"role": "user", "content": "What should I pack for Lisbon?"}]
@@ -379,12 +427,13 @@ def test_inference_image_serves_the_openai_api_by_default(built, client, tiny_ru
         # The image's own HEALTHCHECK command, run now rather than after its 30 s interval.
         check = attrs["Healthcheck"]["Test"]
         assert check[0] == "CMD"
-        code, output = container.exec_run(check[1:])
+        code, output = server.exec_run(check[1:])
         assert code == 0, output.decode()
     finally:
-        container.remove(force=True)
+        server.remove(force=True)
 
 
+@pytest.mark.docker
 def test_build_push_to_an_unreachable_registry_fails_clearly(built, base_image, extra_ca):
     # No registry runs here: a closed loopback port shows the push really happens, and that its failure is named.
     args = ["build", "infer", "--base-image", base_image, "--tag", TAG, "--progress", "quiet", "--push", "127.0.0.1:9"]
@@ -395,6 +444,7 @@ def test_build_push_to_an_unreachable_registry_fails_clearly(built, base_image, 
     assert "pushing 127.0.0.1:9/olivepress/infer:" in result.stderr and "logged in to the registry?" in result.stderr
 
 
+@pytest.mark.docker
 def test_push_image_dry_runs_a_real_volume_and_needs_credentials_to_push(built, client, tiny_run):
     # No network in the container: the credential chain's managed-identity probe must not leave this machine.
     # The volume's owner runs it (pytest's folders are private to it), as compose's `user:` does on a laptop.
@@ -403,12 +453,12 @@ def test_push_image_dry_runs_a_real_volume_and_needs_credentials_to_push(built, 
     dry = client.containers.run(built["push"], command=["push", "--dry-run"], remove=True, **run).decode()
     assert "ft-for-travel" in dry and "quantize.algorithm" in dry
     workspace = {"AZURE_SUBSCRIPTION_ID": "sub", "AZURE_RESOURCE_GROUP": "rg", "AZUREML_WORKSPACE_NAME": "ws"}
-    container = client.containers.run(built["push"], command=["push"], environment=workspace, detach=True, **run)
+    pushing = client.containers.run(built["push"], command=["push"], environment=workspace, detach=True, **run)
     try:
-        assert container.wait(timeout=120)["StatusCode"] == 3
-        assert "az login" in container.logs().decode()
+        assert pushing.wait(timeout=120)["StatusCode"] == 3
+        assert "az login" in pushing.logs().decode()
     finally:
-        container.remove(force=True)
+        pushing.remove(force=True)
     probe = "import importlib.util as u; print([m for m in ('torch', 'transformers') if u.find_spec(m)])"
     out = client.containers.run(built["push"], entrypoint=["python", "-c", probe], remove=True).decode()
     assert out.strip() == "[]"
