@@ -1,0 +1,60 @@
+"""contract.exits: one exit-code table, shown by the README and --help, and errors that end as one message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from contract import exits
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_each_outcome_has_its_own_code_and_the_readme_and_help_show_the_table():
+    assert len({int(code) for code in exits.Exit}) == len(exits.Exit) == len(exits.TABLE)
+    assert exits.markdown() in (REPO / "README.md").read_text()
+    shown = subprocess.run(
+        [sys.executable, "-m", "olivepress.cli", "--help"], capture_output=True, text=True, cwd=REPO
+    ).stdout
+    for code, meaning in exits.TABLE.items():
+        assert f"{int(code):<4}{meaning[:40]}" in shown
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "words"),
+    [
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (FileNotFoundError(2, "No such file or directory", "/nowhere/data.jsonl"), 2, "/nowhere/data.jsonl"),
+        (RuntimeError("the kernel said no"), 1, "the kernel said no"),
+    ],
+)
+def test_whatever_escapes_a_command_is_one_message_with_its_code(tmp_path, error, code, words):
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, test_exits as t; t.run_failing(sys.argv[1], sys.argv[2])", str(tmp_path),
+         type(error).__name__],
+        capture_output=True, text=True, cwd=REPO / "tests",
+    )  # fmt: skip
+    assert result.returncode == code, result.stderr
+    assert words in result.stderr and "Traceback" not in result.stderr
+    if code == 1:
+        assert "Traceback" in (tmp_path / "demo.failed.log").read_text()
+
+
+def run_failing(folder: str, kind: str) -> None:
+    """The command of the test above, in a fresh process, as a user meets it."""
+    error = {
+        "KeyboardInterrupt": KeyboardInterrupt(),
+        "FileNotFoundError": FileNotFoundError(2, "No such file or directory", "/nowhere/data.jsonl"),
+        "RuntimeError": RuntimeError("the kernel said no"),
+    }[kind]
+
+    @click.command()
+    def failing() -> None:
+        with exits.reported("demo", Path(folder) / "demo.failed.log"):
+            raise error
+
+    failing([])
