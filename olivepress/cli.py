@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from olivepress import images, report, run, status, verify
+from olivepress import adapters, images, report, run, status, verify
 from olivepress.azureml import commands as azureml
 from runtime import chat, serve
 from stages import finetune, infer, optimize, quantize, tiny_model
@@ -44,6 +44,7 @@ for verb, command in {
     "azureml": azureml.azureml,
     "push": azureml.push,
     "pull": azureml.pull,
+    "adapters": adapters.command,
 }.items():
     main.add_command(command, verb)
 
