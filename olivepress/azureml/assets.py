@@ -124,15 +124,12 @@ def adapter_manifests(root: Path, manifest: dict[str, Any], adapter: str) -> dic
         finetune = json.loads((own / "finetune.json").read_text()) if (own / "finetune.json").is_file() else None
     else:
         optimize, finetune = manifest, lineage_manifest(root, "finetune")
-    rel = adapter_path(adapter)
-    optimize = restricted(optimize, {*model_files(manifest["outputs"]), rel}, [adapter])
-    if (
-        model_files(optimize["outputs"]) != model_files(manifest["outputs"])
-        or optimize["outputs"].get(rel) != (manifest["outputs"][rel])
-    ):
+    keep = {*model_files(manifest["outputs"]), adapter_path(adapter)}
+    optimize = restricted(optimize, keep, [adapter])
+    if optimize["outputs"] != {rel: manifest["outputs"][rel] for rel in keep}:
         raise BadInput(
-            f"{own} does not describe {adapter_path(adapter)} on this base: the folder was changed by hand; "
-            f"pull the adapter again (`olivepress pull NAME --force`)"
+            f"{own / f'{MODEL_STAGE}.json'} does not list this folder's base and {adapter_path(adapter)}: the folder "
+            f"was changed by hand; pull the adapter again (`olivepress pull NAME-{adapter} --force`)"
         )
     found = {"quantize": lineage_manifest(root, "quantize"), "finetune": finetune}
     return {MODEL_STAGE: optimize, **{stage: m for stage, m in found.items() if m is not None}}

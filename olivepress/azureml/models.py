@@ -347,15 +347,14 @@ def _pull_adapter(
         else:
             assets.add_adapter(final, volume.read_manifest(final) or {}, folder, added, adapter, out)
         volume.publish(out, final)
-    brought = (
-        f"with its base {base}:{base_version}"
-        if how == FRESH
-        else f"onto its base already there ({base}:{base_version}, not downloaded)"
-    )
+    if how == FRESH:
+        return f"pulled {name}:{version} from {target} into {final}, with its base {base}:{base_version}\n" + (
+            f"next: olivepress infer --adapter {adapter}"
+        )
     return (
-        f"pulled {name}:{version} from {target} into {final}, {brought}\n"
-        f"next: olivepress infer --adapter {adapter} (a running `olivepress serve` loads the adapters present when it "
-        f"starts: restart it to serve {adapter})"
+        f"pulled {name}:{version} from {target} into {final}, onto its base already there ({base}:{base_version}, "
+        f"not downloaded)\nnext: olivepress infer --adapter {adapter}; a running `olivepress serve` loads the "
+        f"adapters present when it starts: restart it to serve {adapter}"
     )
 
 
