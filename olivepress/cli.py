@@ -10,7 +10,7 @@ import importlib
 import click
 
 from contract import exits, registry
-from olivepress import report, run, status, verify
+from olivepress import adapters, report, run, status, verify
 from olivepress.azureml import commands as azureml
 from olivepress.docker import commands as docker
 from runtime import chat, serve
@@ -52,6 +52,7 @@ for verb, command in {
     "azureml": azureml.azureml,
     "push": azureml.push,
     "pull": azureml.pull,
+    "adapters": adapters.command,
 }.items():
     main.add_command(command, verb)
 

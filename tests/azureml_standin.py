@@ -7,7 +7,7 @@ It answers, over HTTPS with a test-only CA, exactly the calls that azure-ai-ml 1
   suffix is ``core.olivepress.test`` (.test is a reserved TLD, so no real name is ever impersonated);
 - an App Service managed-identity token endpoint (``IDENTITY_ENDPOINT``/``IDENTITY_HEADER``), so the real
   ``DefaultAzureCredential`` chain signs in without any network;
-- model versions list/get/put, datastore get and listSecrets;
+- model versions list/get/put, the list of models (containers), datastore get and listSecrets;
 - for ``jobs.create_or_update`` of a pipeline job (tests/test_azureml_pipeline.py): compute get, environment and
   component version PUTs, the job PUT and GET (every PUT body kept in ``State.puts``), the workspace and its
   discovery URLs, and the run-history "children" call that ``jobs.list(parent_job_name=...)`` makes.
@@ -226,6 +226,8 @@ class _ControlPlane(BaseHTTPRequestHandler):
             return self._error(404, "NotFound", f"no route for {url.path}")
         if not rest:
             return self._workspace(base, match["ws"])
+        if rest == "/models":
+            return self._list_models(base)
         if m := re.fullmatch(r"/models/(?P<name>[^/]+)/versions", rest):
             return self._list_versions(base, m["name"], query)
         if m := re.fullmatch(r"/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)", rest):
@@ -299,6 +301,24 @@ class _ControlPlane(BaseHTTPRequestHandler):
         if "$top" in query:
             versions = versions[: int(query["$top"])]
         self._send(200, {"value": versions})
+
+    def _list_models(self, base: str) -> None:
+        """The model containers, one per name, as ``models.list()`` without a name asks for them."""
+        with self.server.state.lock:
+            names = {name: list(versions.values()) for name, versions in self.server.state.models.items() if versions}
+        containers = []
+        for name, versions in sorted(names.items()):
+            newest = max(versions, key=lambda v: v["systemData"]["createdAt"])
+            containers.append(
+                {
+                    "id": f"{base}/models/{name}",
+                    "name": name,
+                    "type": "Microsoft.MachineLearningServices/workspaces/models",
+                    "properties": {"latestVersion": newest["name"], "isArchived": False, "tags": {}},
+                    "systemData": newest["systemData"],
+                }
+            )
+        self._send(200, {"value": containers})
 
     def _version(self, base: str, name: str, version: str) -> None:
         state = self.server.state
@@ -420,6 +440,8 @@ class _Proxy(socketserver.ThreadingTCPServer):
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.target_port = target_port
         self.tunnels = 0
+        self.sent = 0  # bytes from the SDK to blob storage (uploads), TLS included
+        self.received = 0  # bytes from blob storage to the SDK (downloads), TLS included
         self.lock = threading.Lock()
 
 
@@ -449,6 +471,11 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
                     data = sock.recv(65536)
                     if not data:
                         return
+                    with self.server.lock:
+                        if sock is client:
+                            self.server.sent += len(data)
+                        else:
+                            self.server.received += len(data)
                     (upstream if sock is client else client).sendall(data)
         finally:
             upstream.close()
@@ -483,6 +510,12 @@ class StandIn:
     def blob_tunnels(self) -> int:
         """How many connections the SDK opened to blob storage so far."""
         return self._proxy.tunnels
+
+    @property
+    def blob_bytes(self) -> tuple[int, int]:
+        """Bytes sent to and received from blob storage so far (uploads, downloads), TLS included."""
+        with self._proxy.lock:
+            return self._proxy.sent, self._proxy.received
 
     def env(self, ca: Path) -> dict[str, str]:
         """What a process needs to talk to this stand-in with the real SDK and the real credential chain."""

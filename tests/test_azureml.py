@@ -179,15 +179,17 @@ def test_dry_run_prints_the_registration_without_credentials(rig: Rig, tmp_path:
     result = rig.run("push", "--home", str(tmp_path), "--dry-run", env=rig.env(credentials=False))
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
-    assert plan["name"] == "ft-for-travel" and plan["type"] == "custom_model"
+    base, adapter = plan["registrations"]  # the base once, each adapter on its own
+    assert base["asset"] == "base" and base["name"] == "ft-for-travel-base"
+    assert adapter["name"] == "ft-for-travel-travel" and adapter["type"] == "custom_model"
     assert plan["target"].endswith("/workspaces/ws-1")
-    tags = plan["tags"]
+    tags = adapter["tags"]
     assert tags["base_model"] == "microsoft/Phi-3.5-mini-instruct"
     assert tags["quantize.algorithm"] == "gptq" and tags["quantize.bits"] == "4"
     assert tags["finetune.max_steps"] == "20" and tags["finetune.data_sha256"] == "d" * 64
     assert tags["version.olive-ai"] == "0.13.0" and tags["version.onnxruntime-genai"] == "0.14.1"
     assert tags["metric.finetune.finetuned.loss"] == "1.25"
-    assert "gptq" in plan["description"]
+    assert "gptq" in adapter["description"]
     assert len(rig.standin.state.requests) == before  # no service contacted
 
     # The workspace from a config.json, as the portal's "Download config.json" gives it.
@@ -202,9 +204,9 @@ def test_push_uploads_the_files_and_registers_the_tags(rig: Rig, tmp_path: Path)
     optimize = make_volume(tmp_path)
     result = rig.run("push", "--home", str(tmp_path), "--name", "m-push", env=rig.env())
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "registered m-push:1" in result.stdout
+    assert "registered m-push-travel:1" in result.stdout
 
-    registered = rig.standin.state.models["m-push"]["1"]
+    registered = rig.standin.state.models["m-push-travel"]["1"]
     tags = registered["properties"]["tags"]
     manifest = json.loads((optimize / "manifest.json").read_text())
     assert tags["olivepress.content"] == volume.digest_of(manifest["outputs"])
@@ -212,10 +214,19 @@ def test_push_uploads_the_files_and_registers_the_tags(rig: Rig, tmp_path: Path)
     assert "Base model: microsoft/Phi-3.5-mini-instruct" in registered["properties"]["description"]
 
     blobs = rig.blobs(model_prefix(registered))
-    assert {rel: sha(data) for rel, data in blobs.items() if rel in manifest["outputs"]} == manifest["outputs"]
+    base_blobs = rig.blobs(model_prefix(rig.standin.state.models["m-push-base"]["1"]))
+    both = {**base_blobs, **{rel: data for rel, data in blobs.items() if rel != "manifest.json"}}
+    assert {rel: sha(data) for rel, data in both.items() if rel in manifest["outputs"]} == manifest["outputs"]
     assert blobs["manifest.json"] == (optimize / "manifest.json").read_bytes()
-    assert set(blobs) == {*manifest["outputs"], "manifest.json", "lineage/quantize.json", "lineage/finetune.json"}
-    assert "log.txt" not in blobs
+    assert set(blobs) == {
+        "adapters/travel.onnx_adapter",
+        "manifest.json",
+        "lineage/quantize.json",
+        "lineage/finetune.json",
+    }
+    model_files = {rel for rel in manifest["outputs"] if rel.startswith("model/")}
+    assert set(base_blobs) == {*model_files, "manifest.json", "lineage/quantize.json"}
+    assert "log.txt" not in blobs and "log.txt" not in base_blobs
 
 
 def test_second_push_uploads_nothing_and_new_content_gets_the_next_version(rig: Rig, tmp_path: Path) -> None:
@@ -226,17 +237,17 @@ def test_second_push_uploads_nothing_and_new_content_gets_the_next_version(rig: 
 
     again = rig.run("push", "--home", str(tmp_path), "--name", "m-again", env=env)
     assert again.returncode == 0, again.stderr
-    assert "already registered as m-again:1" in again.stdout and "nothing uploaded" in again.stdout
+    assert "already registered as m-again-travel:1" in again.stdout and "nothing uploaded" in again.stdout
     assert rig.standin.blob_tunnels == tunnels  # not one connection to blob storage
     assert not [r for r in rig.standin.state.requests[requests:] if r[0] == "PUT"]
-    assert list(rig.standin.state.models["m-again"]) == ["1"]
+    assert list(rig.standin.state.models["m-again-travel"]) == ["1"]
 
     # Same version number, other content: refused, since Azure ML versions are immutable.
     make_volume(tmp_path, seed="b")
     clash = rig.run("push", "--home", str(tmp_path), "--name", "m-again", "--version", "1", env=env)
     assert clash.returncode == 2 and "already exists" in clash.stderr and "next free one (2)" in clash.stderr
     bumped = rig.run("push", "--home", str(tmp_path), "--name", "m-again", env=env)
-    assert bumped.returncode == 0 and "registered m-again:2" in bumped.stdout, bumped.stderr
+    assert bumped.returncode == 0 and "registered m-again-travel:2" in bumped.stdout, bumped.stderr
     assert json.loads((optimize / "manifest.json").read_text())["outputs"]["model/model.onnx"] == sha(b"b" * 1000)
 
 
@@ -263,16 +274,16 @@ def test_missing_credentials_give_the_sign_in_message_and_exit_3(rig: Rig, tmp_p
 def test_a_failed_push_registers_nothing_and_a_transient_error_is_retried(rig: Rig, tmp_path: Path) -> None:
     make_volume(tmp_path)
     env = rig.env()
-    rig.standin.fail("PUT", r"/models/m-fail/versions/", 400, count=1)
+    rig.standin.fail("PUT", r"/models/m-fail-travel/versions/", 400, count=1)
     failed = rig.run("push", "--home", str(tmp_path), "--name", "m-fail", env=env)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "Nothing was registered" in failed.stderr and "Run the same command again" in failed.stderr
-    assert "m-fail" not in rig.standin.state.models
+    assert "m-fail-travel" not in rig.standin.state.models
 
-    rig.standin.fail("PUT", r"/models/m-fail/versions/", 503, count=1)
+    rig.standin.fail("PUT", r"/models/m-fail-travel/versions/", 503, count=1)
     retried = rig.run("push", "--home", str(tmp_path), "--name", "m-fail", env=env)
     assert retried.returncode == 0, retried.stdout + retried.stderr
-    assert list(rig.standin.state.models["m-fail"]) == ["1"]
+    assert list(rig.standin.state.models["m-fail-travel"]) == ["1"]
     rig.standin.clear_faults()
 
 
@@ -282,7 +293,7 @@ def test_pull_restores_the_same_files(rig: Rig, tmp_path: Path) -> None:
     assert rig.run("push", "--home", str(tmp_path / "laptop-a"), "--name", "m-pull", env=env).returncode == 0
 
     target = tmp_path / "laptop-b"
-    pulled = rig.run("pull", "m-pull:1", "--home", str(target), env=env)
+    pulled = rig.run("pull", "m-pull-travel:1", "--home", str(target), env=env)
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     assert volume.tree_hashes(target / "optimize", exclude=("log.txt",)) == {
         **volume.tree_hashes(source, exclude=("log.txt",)),
@@ -292,13 +303,13 @@ def test_pull_restores_the_same_files(rig: Rig, tmp_path: Path) -> None:
     assert json.loads((target / "optimize" / "lineage" / "finetune.json").read_text())["parameters"]["rank"] == 8
     assert not list(target.glob(".optimize*"))
 
-    again = rig.run("pull", "m-pull", "--home", str(target), env=env)  # latest: the same version
+    again = rig.run("pull", "m-pull-travel", "--home", str(target), env=env)  # latest: the same version
     assert again.returncode == 0 and "nothing downloaded" in again.stdout, again.stderr
     # A pulled model pushes again as the same content (lineage travels with it).
     repush = rig.run("push", "--home", str(target), "--name", "m-pull", env=env)
-    assert "already registered as m-pull:1" in repush.stdout, repush.stderr
+    assert "already registered as m-pull-travel:1" in repush.stdout, repush.stderr
 
-    missing = rig.run("pull", "m-pull:9", "--home", str(target), env=env)
+    missing = rig.run("pull", "m-pull-travel:9", "--home", str(target), env=env)
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 
@@ -306,14 +317,14 @@ def test_pull_refuses_tampered_blobs_and_leaves_the_volume_alone(rig: Rig, tmp_p
     make_volume(tmp_path / "a")
     env = rig.env()
     assert rig.run("push", "--home", str(tmp_path / "a"), "--name", "m-tamper", env=env).returncode == 0
-    prefix = model_prefix(rig.standin.state.models["m-tamper"]["1"])
+    prefix = model_prefix(rig.standin.state.models["m-tamper-base"]["1"])
     rig.container.upload_blob(prefix + "model/model.onnx", b"tampered", overwrite=True)  # type: ignore[attr-defined]
 
     other = make_volume(tmp_path / "b", seed="z")
     before = volume.tree_hashes(other)
-    refused = rig.run("pull", "m-tamper:1", "--home", str(tmp_path / "b"), env=env)
+    refused = rig.run("pull", "m-tamper-travel:1", "--home", str(tmp_path / "b"), env=env)
     assert refused.returncode == 2 and "--force" in refused.stderr  # another model is there
-    forced = rig.run("pull", "m-tamper:1", "--home", str(tmp_path / "b"), "--force", env=env)
+    forced = rig.run("pull", "m-tamper-travel:1", "--home", str(tmp_path / "b"), "--force", env=env)
     assert forced.returncode == 1 and "does not match its sha256" in forced.stderr, forced.stderr
     assert volume.tree_hashes(other) == before
     assert not list((tmp_path / "b").glob(".optimize*"))
@@ -325,13 +336,13 @@ def test_the_pipeline_output_pushes_pulls_and_runs(rig: Rig, tiny_run: Path, tmp
     env = rig.env()
     pushed = rig.run("push", "--home", str(tiny_run), "--name", "m-real", env=env)
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
-    tags = rig.standin.state.models["m-real"]["1"]["properties"]["tags"]
+    tags = rig.standin.state.models["m-real-travel"]["1"]["properties"]["tags"]
     assert tags["quantize.algorithm"] == "gptq" and tags["optimize.precision"] == "int4"
     assert tags["adapters"] == "travel" and tags["finetune.data_sha256"]
     assert not list((tiny_run / "cache" / "tmp").glob("push-*")), "push left its staging folder behind"
 
     laptop = tmp_path / "laptop"
-    pulled = rig.run("pull", "m-real", "--home", str(laptop), env=env)
+    pulled = rig.run("pull", "m-real-travel", "--home", str(laptop), env=env)
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     source = volume.read_manifest(tiny_run / "optimize")
     assert volume.read_manifest(laptop / "optimize") == source

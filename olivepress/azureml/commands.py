@@ -15,7 +15,7 @@ import click
 
 from contract import logs, volume
 from contract.exits import Exit
-from olivepress.azureml import errors, models, pipeline
+from olivepress.azureml import assets, errors, models, pipeline
 from olivepress.azureml.workspace import NAME_RE, connect, resolve_target, workspace_options
 
 
@@ -54,14 +54,19 @@ def azureml() -> None:
     ),
 )
 @click.option(
-    "--name", default=models.DEFAULT_NAME, envvar="OLIVEPRESS_PUSH_NAME", show_envvar=True, help="Model name."
+    "--name",
+    default=models.DEFAULT_NAME,
+    envvar="OLIVEPRESS_PUSH_NAME",
+    show_envvar=True,
+    help="Model name: the base is registered as NAME-base, each adapter as NAME-ADAPTER (a merged build as NAME).",
 )
 @click.option(
     "--version",
     "version",
     envvar="OLIVEPRESS_PUSH_VERSION",
     show_envvar=True,
-    help="Version [default: the next free one].",
+    help="Version of each adapter (of a merged build) [default: the one holding this content, else the next free "
+    "one]. The base's is always the one holding its content, else the next free one.",
 )
 @click.option("--dry-run", is_flag=True, help="Print what would be registered; needs no credentials.")
 @click.option("--retries", default=3, type=click.IntRange(1, 10), help="Tries for a step that fails transiently.")
@@ -80,11 +85,14 @@ def push(
     verbose: bool,
     root: Path | None,
 ) -> None:
-    """Register <home>/optimize (model, adapters, manifest) as an Azure ML custom model.
+    """Register <home>/optimize in Azure ML: its base once, each adapter as its own custom model.
 
-    Like the lab's `az ml model create --type custom_model --path <optimized folder>`, with the quantize, finetune
-    and optimize manifests as tags and description. The same content pushed again uploads nothing. Signs in with
-    DefaultAzureCredential: `az login`, service-principal variables, or a managed identity.
+    Like the lab's `az ml model create --type custom_model --path <optimized folder>`, split so that adapters share
+    one registered base: the base (model/) as NAME-base, found again by its content, so a new adapter for it uploads
+    only the adapter; each adapter as NAME-ADAPTER, tagged with its base and its lineage (the quantize, finetune and
+    optimize manifests). A merged build (--adapter-mode merged) is one model, NAME. The same content pushed again
+    uploads nothing. Signs in with DefaultAzureCredential: `az login`, service-principal variables, or a managed
+    identity.
 
     \b
     Examples:
@@ -100,7 +108,7 @@ def push(
     if version is not None and not models.VERSION_RE.match(version):
         raise click.BadParameter(f"{version!r}: letters, digits, '-', '_' and '.'", param_hint="--version")
     root = volume.home(root)
-    manifest = models.require_optimized(root)
+    manifest = assets.require_optimized(root)
     where = (subscription, resource_group, workspace, registry, config)
 
     if dry_run:
@@ -114,15 +122,16 @@ def push(
 
     target = resolve_target(*where)
     client = connect(target, verbose)  # before any hashing or upload
-    models.verify_files(volume.stage_dir(root, models.MODEL_STAGE), manifest["outputs"])
+    assets.verify_files(volume.stage_dir(root, assets.MODEL_STAGE), manifest["outputs"])
     with errors.sdk_errors(
         target,
         verbose,
         failed=f"push to {target} failed",
-        afterwards=f"Nothing was registered: no version of {name} points at this upload. Run the same command "
-        f"again once the cause is fixed; files already uploaded are reused.",
+        afterwards="Nothing was registered for this step: no model version points at a partial upload (what the "
+        "lines above registered stays, and is found again by its content). Run the same command again once the "
+        "cause is fixed; files already uploaded are reused.",
     ):
-        click.echo(models.push(client, target, root, manifest, name, version, retries=retries, verbose=verbose))
+        models.push(client, target, root, manifest, name, version, retries=retries, verbose=verbose, echo=click.echo)
 
 
 @click.command(
@@ -138,7 +147,12 @@ def push(
     ),
 )
 @click.argument("ref", metavar="NAME[:VERSION]", default=models.DEFAULT_NAME)
-@click.option("--force", is_flag=True, help="Replace a different model already in <home>/optimize.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace a different model already in <home>/optimize (for an adapter: another base, or an adapter of the "
+    "same name).",
+)
 @workspace_options(registry=True)
 @volume.home_option("Volume root")
 def pull(
@@ -154,13 +168,17 @@ def pull(
 ) -> None:
     """Download a registered model version into <home>/optimize, verified file by file, for `olivepress infer`.
 
-    Without :VERSION, the latest. The files land in a temporary folder first and replace <home>/optimize only once
-    every sha256 in the model's manifest matches.
+    Without :VERSION, the latest. An adapter (NAME-ADAPTER, as push registers it) joins the base already in
+    <home>/optimize when it is the one the adapter was trained for (only the adapter is downloaded), or comes with
+    its base into an empty volume; another base there is refused. The files land in a temporary folder first and
+    replace <home>/optimize only once every sha256 in the manifests matches. A running `olivepress serve` loads the
+    adapters present when it starts: restart it to serve one pulled since.
 
     \b
     Examples:
-      olivepress pull ft-for-travel:1 --subscription SUB --resource-group RG --workspace WS
-      olivepress pull ft-for-travel && olivepress infer --adapter travel
+      olivepress pull ft-for-travel-travel:1 --subscription SUB --resource-group RG --workspace WS
+      olivepress pull ft-for-travel-travel && olivepress infer --adapter travel
+      olivepress pull ft-for-travel-cooking      # a second adapter: only its .onnx_adapter comes down
     """
     logs.console_logging(verbose)
     name, version = _parse_ref(ref)
@@ -171,7 +189,8 @@ def pull(
         target,
         verbose,
         failed=f"pull of {ref} from {target} failed",
-        not_found=f"{ref} not found in {target}: check the name and version (`az ml model list`)",
+        not_found=f"{ref} not found in {target}: check the name and version (adapters are NAME-ADAPTER: "
+        f"`olivepress adapters --name NAME` with the workspace options lists them; `az ml model list` lists all)",
         afterwards="<home>/optimize is unchanged.",
     ):
         click.echo(models.pull(client, target, root, name, version, force=force, verbose=verbose))

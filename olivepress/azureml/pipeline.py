@@ -43,7 +43,7 @@ import click
 
 from contract import registry, volume
 from contract.registry import Stage
-from olivepress.azureml import models, workspace
+from olivepress.azureml import assets, models, workspace
 
 if TYPE_CHECKING:
     from azure.ai.ml import MLClient
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 DEFAULT_DATASTORE = "workspaceblobstore"
 EXPERIMENT = "olivepress"
 # Every stage up to the one whose output is registered runs on Azure ML; the stages after it are optional.
-REQUIRED = registry.NAMES[: registry.NAMES.index(models.MODEL_STAGE) + 1]
+REQUIRED = registry.NAMES[: registry.NAMES.index(assets.MODEL_STAGE) + 1]
 # The stage that trains: with more than one GPU it starts its own workers (--processes N).
 TRAINING_STAGE = "finetune"
 SETTING_RE = re.compile(rf"^OLIVEPRESS_({'|'.join(name.upper() for name in registry.NAMES)})_[A-Z0-9_]+$")
@@ -118,16 +118,16 @@ def step_command(stage: Stage, args: list[str]) -> str:
     lines.append(f'{" ".join(run)} || {{ code=$?; cat "$root/{stage.name}.failed.log" >&2 || true; exit $code; }}')
     out = f'"${{{{outputs.{stage.name}}}}}"'
     lines.append(f'cp -r "$root/{stage.name}/." {out}/')
-    if stage.name == models.MODEL_STAGE:
+    if stage.name == assets.MODEL_STAGE:
         # push's layout, so the registered model is what `olivepress pull` expects: the upstream manifests travel.
-        lines.append(f"mkdir -p {out}/{models.LINEAGE}")
-        lines += [f'cp "$root/{need}/{volume.MANIFEST}" {out}/{models.LINEAGE}/{need}.json' for need in stage.needs]
+        lines.append(f"mkdir -p {out}/{assets.LINEAGE}")
+        lines += [f'cp "$root/{need}/{volume.MANIFEST}" {out}/{assets.LINEAGE}/{need}.json' for need in stage.needs]
     return "\n".join(lines)
 
 
 def _folder_type(stage: str) -> str:
     """The Azure ML type of a stage's folder: the model stage's is a model, registered when its step succeeds."""
-    return "custom_model" if stage == models.MODEL_STAGE else "uri_folder"
+    return "custom_model" if stage == assets.MODEL_STAGE else "uri_folder"
 
 
 def build_pipeline_job(
@@ -153,7 +153,7 @@ def build_pipeline_job(
     missing = [s for s in REQUIRED if s not in images]
     if missing:
         raise click.UsageError(
-            f"no image for {', '.join(missing)}: every stage up to {models.MODEL_STAGE} runs on Azure ML"
+            f"no image for {', '.join(missing)}: every stage up to {assets.MODEL_STAGE} runs on Azure ML"
         )
     bad = [k for k in settings if not SETTING_RE.match(k)]
     if bad:
@@ -207,13 +207,13 @@ def build_pipeline_job(
             step.environment_variables = node_env[stage.name]
             output = step.outputs[stage.name]
             output.path = output_path(stage.name)
-            if stage.name == models.MODEL_STAGE:
+            if stage.name == assets.MODEL_STAGE:
                 # Registered as a model when the step succeeds, as `olivepress push` would (version: the next one).
                 output.name = model_name
                 if model_version:
                     output.version = model_version
             produced[stage.name] = output
-        return {"model": produced[models.MODEL_STAGE]}
+        return {"model": produced[assets.MODEL_STAGE]}
 
     job = olivepress_pipeline()
     job.name = job_name
