@@ -146,7 +146,7 @@ def push(
         }
     ),
 )
-@click.argument("ref", metavar="NAME[:VERSION]", default=models.DEFAULT_NAME)
+@click.argument("ref", metavar="NAME[:VERSION]", default=assets.adapter_asset_name(models.DEFAULT_NAME, "travel"))
 @click.option(
     "--force",
     is_flag=True,
