@@ -314,6 +314,50 @@ def test_compose_cpu_pipeline_runs_every_stage(cpu_run):
     assert list((volume / "optimize" / "adapters").glob("*.onnx_adapter"))
 
 
+def _manifests(home: Path) -> dict[str, dict]:
+    return {stage: json.loads((home / stage / "manifest.json").read_text()) for stage in registry.NAMES}
+
+
+@pytest.mark.docker
+def test_a_volume_made_in_the_containers_skips_every_stage_on_the_host(cpu_run, tmp_path):
+    result, volume = cpu_run
+    assert result.returncode == 0, "the compose run failed; see test_compose_cpu_pipeline_runs_every_stage"
+    home = tmp_path / "home"
+    subprocess.run(["cp", "-a", str(volume), str(home)], check=True)
+    before = _manifests(home)
+    run = subprocess.run(
+        [sys.executable, "-m", "olivepress.cli", "run", "--max-steps", "20", "--home", str(home)],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("skipped") == len(registry.NAMES), run.stderr[-3000:]
+    assert _manifests(home) == before
+
+
+@pytest.mark.docker
+def test_a_volume_made_on_the_host_skips_every_stage_in_the_containers(built, client, tiny_run, tmp_path):
+    project = "olivepress-relocated"
+    _compose_down(project, "compose.yaml", "compose.cpu.yaml")
+    client.volumes.create(f"{project}_olivepress", labels={"com.docker.compose.project": project,
+                                                          "com.docker.compose.volume": "olivepress"})  # fmt: skip
+    copy = "cp -a /src/. /dst/ && chown -R 1000:1000 /dst"
+    client.containers.run(REFS["infer"], entrypoint=["sh", "-c", copy], user="0", remove=True,
+                          volumes={str(tiny_run): {"bind": "/src", "mode": "ro"},
+                                   f"{project}_olivepress": {"bind": "/dst"}})  # fmt: skip
+    try:
+        result = launcher("up", "--cpu", "-p", project)
+        assert result.returncode == 0, result.stderr[-3000:]
+        back = tmp_path / "back"
+        back.mkdir()
+        out = f"cp -a /src/. /dst/ && chown -R {os.getuid()} /dst"
+        client.containers.run(REFS["infer"], entrypoint=["sh", "-c", out], user="0", remove=True,
+                              volumes={f"{project}_olivepress": {"bind": "/src", "mode": "ro"},
+                                       str(back): {"bind": "/dst"}})  # fmt: skip
+        assert _manifests(back) == _manifests(tiny_run), "a stage ran again in the containers"
+    finally:
+        _compose_down(project, "compose.yaml", "compose.cpu.yaml")
+
+
 def _check_answers(home: Path, since: float) -> list[dict]:
     answers_file = home / "infer" / "answers.json"
     assert answers_file.stat().st_mtime >= since - 1, "answers.json was not written by this run"
