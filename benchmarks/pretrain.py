@@ -139,7 +139,7 @@ def evaluate(model: Any, data: Any, batch: int, device: str) -> dict[str, float]
     with torch.no_grad(), autocast(device):
         for at in range(0, len(data), batch):
             part = data[at : at + batch]
-            logits = model(part[:, :-1]).logits.float()
+            logits = model(part[:, :-1], use_cache=False).logits.float()
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), part[:, 1:].reshape(-1), reduction="sum"
             )
@@ -249,7 +249,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         batch = train[order[cursor : cursor + args.batch].to(train.device)]
         cursor += args.batch
         with autocast(device):
-            logits = step_model(batch[:, :-1]).logits
+            logits = step_model(batch[:, :-1], use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
