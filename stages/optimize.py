@@ -15,6 +15,7 @@ rounding: the measured held-out loss was the base model's.)
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from contract.exits import BadInput
 from stages import common
 from stages import evaluate as evaluate_
 
+log = logging.getLogger("olivepress")
 LORA_PROJECTIONS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj")
 LORA_PROJECTIONS += ("mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
 # The laptop's CPU, even when built on a GPU host (else genai_config asks for CUDA).
@@ -94,6 +96,22 @@ def num_hidden_layers(model: Path) -> int:
     return json.loads((model / "config.json").read_text())["num_hidden_layers"]
 
 
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what the ONNX builder's int4 (MatMulNBits) takes
+
+
+def block_size_for(group_size: int) -> int:
+    """The int4 block size closest to the quantizer's grid: its group size, or for a grid the builder cannot
+    express (per channel, -1, or an odd size) the largest block not above it (per channel: the largest)."""
+    if group_size in BLOCK_SIZES:
+        return group_size
+    fitting = [b for b in BLOCK_SIZES if group_size == -1 or b <= group_size]
+    chosen = max(fitting or [BLOCK_SIZES[0]])
+    log.warning(
+        "quantize's group size %s is not an int4 block size (%s): blocks of %d", group_size, BLOCK_SIZES, chosen
+    )
+    return chosen
+
+
 @common.stage_command("optimize")
 @click.option(
     "--precision",
@@ -104,7 +122,7 @@ def num_hidden_layers(model: Path) -> int:
 @click.option("--adapter-name", default="travel", help="Name the adapter is loaded under at inference.")
 @click.option(
     "--int4-block-size",
-    type=click.Choice(["auto", "16", "32", "64", "128", "256"]),
+    type=click.Choice(["auto", *map(str, BLOCK_SIZES)]),
     default="auto",
     help="int4 block size; auto takes the quantize stage's group size, so the int4 grid matches the quantized one.",
 )
@@ -161,7 +179,7 @@ def command(
     quantized = volume.upstream(root, "optimize", "quantize")
     base = volume.output(root, "quantize", "dequantized")
     if int4_block_size == "auto":
-        int4_block_size = str(volume.read_manifest(quantized)["parameters"]["group_size"])
+        int4_block_size = str(block_size_for(volume.read_manifest(quantized)["parameters"]["group_size"]))
     adapter = volume.upstream(root, "optimize", "finetune", "adapter")
     parameters = {
         "precision": precision,

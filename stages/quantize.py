@@ -253,6 +253,12 @@ def command(
       olivepress quantize --dry-run               # the Olive workflow it would run, as JSON
     """
     _, needs_gpu, calibrates = ALGORITHMS[algorithm]
+    if group_size == 0 or group_size < -1:
+        raise BadInput(
+            f"--group-size must be a positive number of weights, or -1 for one group per row; got {group_size}"
+        )
+    if group_size == -1 and algorithm == "awq":
+        raise BadInput("--algorithm awq packs groups only (AutoAWQ 0.2.9): use --group-size 128, or gptq / rtn per row")
     device = common.local_device()
     if needs_gpu and device != "gpu":
         cpu_ones = ", ".join(a for a, (_, gpu, _) in sorted(ALGORITHMS.items()) if not gpu)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import olivepress
 
 from contract import volume
 from contract.exits import BadInput
@@ -134,3 +136,17 @@ def test_merged_build_answers_as_the_adapter_and_keeps_what_finetuning_learned(m
     merged_loss = volume.read_manifest(merged_home / "optimize")["metrics"]["onnx_adapter"]["loss"]
     quantized_loss = volume.read_manifest(tiny_run / "quantize")["metrics"]["quantized"]["loss"]
     assert merged_loss < quantized_loss - 0.01, "the merged build lost the fine-tune"
+
+
+def test_a_per_channel_quantize_gets_the_closest_block_size_the_builder_takes(tmp_path):
+    olivepress("quantize", "--algorithm", "rtn", "--group-size", "-1", "--no-evaluate", home=tmp_path)
+    olivepress("finetune", "--max-steps", "1", "--no-evaluate", home=tmp_path)
+    result = olivepress("optimize", "--dry-run", home=tmp_path)
+    assert json.loads(result.stdout)["olive_workflow"]["passes"]["builder"]["int4_block_size"] == 256
+    assert optimize.block_size_for(128) == 128 and optimize.block_size_for(100) == 64
+
+
+def test_quantize_refuses_group_sizes_it_cannot_pack(tmp_path):
+    for args in (["--group-size", "0"], ["--group-size", "-1", "--algorithm", "awq"]):
+        result = olivepress("quantize", "--dry-run", *args, home=tmp_path, check=False)
+        assert result.returncode == 2 and "--group-size" in result.stderr, result.stderr

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import olivepress
 
 from benchmarks import pretrain, quality_real
 from tests.test_corpus import sample_corpus
@@ -96,22 +95,3 @@ def test_cpu_smoke_run(tmp_path):
     assert "## Quantizers and LoRA (PyTorch)" in markdown and "RTN int4, groups of 128" in markdown
     assert (out / "logs.tar.xz").stat().st_size > 0
     assert (tmp_path / "work" / "model" / "generation_config.json").is_file()
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="quantize takes --group-size -1 (per channel, which Olive's RTN and GPTQ support), and optimize's "
-    "--int4-block-size auto then hands -1 to the ONNX builder, whose blocks are 16..256: the build fails with a "
-    "pydantic ValidationError (exit 1) instead of choosing a valid block size or saying how to (exit 2)",
-)
-def test_optimize_after_a_per_channel_quantize_builds_or_names_the_fix(tmp_path):
-    olivepress("quantize", "--algorithm", "rtn", "--group-size", "-1", "--no-evaluate", home=tmp_path)
-    olivepress("finetune", "--max-steps", "1", "--no-evaluate", home=tmp_path)
-    result = olivepress("optimize", "--dry-run", home=tmp_path, check=False)
-    if result.returncode == 2:
-        assert "--int4-block-size" in result.stderr
-    else:
-        assert result.returncode == 0, result.stderr
-        builder = json.loads(result.stdout)["olive_workflow"]["passes"]["builder"]
-        assert builder["int4_block_size"] in (16, 32, 64, 128, 256)
