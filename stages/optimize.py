@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from contract import model_folder, volume
+from contract import families, model_folder, volume
 from contract.exits import BadInput
 from stages import common
 from stages import evaluate as evaluate_
@@ -88,6 +88,24 @@ def olive_workflow(parameters: dict, paths: Paths) -> dict:
         "load_kwargs": {"attn_implementation": "eager"},
     }
     return common.olive_workflow(model, passes, paths.workdir, paths.device)
+
+
+def add_stop_tokens(model_dir: Path, family: families.Family) -> list[int]:
+    """Make genai_config.json's eos_token_id hold the id of every token that ends the family's assistant turn:
+    onnxruntime-genai stops only there, and a model's generation config may name only its base eos token. Tokens
+    the model's tokenizer lacks are left out. Returns the ids."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    config_file = model_dir / model_folder.GENAI_CONFIG
+    config = json.loads(config_file.read_text())
+    eos = config["model"]["eos_token_id"]
+    eos = eos if isinstance(eos, list) else [eos]
+    missing = [i for i in map(tokenizer.token_to_id, family.stop_tokens) if i is not None and i not in eos]
+    if missing:
+        config["model"]["eos_token_id"] = eos + missing
+        config_file.write_text(json.dumps(config, indent=4))
+    return eos + missing
 
 
 def num_hidden_layers(model: Path) -> int:
@@ -174,6 +192,7 @@ def command(
         "evaluate": evaluate,
     }
     switchable = adapter_mode == "switchable"
+    family = families.of_model_folder(base)
     layers = num_hidden_layers(base)
     if dry_run:
         paths = Paths(base, adapter, layers, volume.scratch_placeholder(root, "optimize-"), TARGET_DEVICE)
@@ -190,6 +209,7 @@ def command(
             # Olive's own bookkeeping (it names temp paths) is not part of the model.
             (output / "model_config.json").unlink(missing_ok=True)
             shutil.move(str(output), model_folder.model_dir(out))
+        add_stop_tokens(model_folder.model_dir(out), family)
         if switchable and not model_folder.adapter_file(out, adapter_name).is_file():
             raise click.ClickException("Olive wrote no adapter file; see the stage log")
         if not switchable:
