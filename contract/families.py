@@ -46,8 +46,10 @@ BUILDER_ARCHITECTURES = frozenset(
         "SmolLM3ForCausalLM",
     }
 )
-# Every stage the tiny pipeline of a family runs in CI (tests/test_families.py), on a CPU.
-CPU_STAGES = ("quantize (gptq, rtn)", "finetune", "optimize (int4, switchable and merged)", "infer", "serve", "chat")
+# What the tiny pipeline of each family runs in CI (tests/test_families.py), on a CPU.
+CPU_STAGES = (
+    "quantize (gptq, rtn), finetune, optimize (int4 switchable and merged, fp32), infer, serve and chat (one engine)"
+)
 
 FUSED_PHI3 = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 SEPARATE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -92,6 +94,9 @@ class Family:
     tiny_random_biases: bool = False
     # Components that cannot take this family, by name (an --algorithm), with why and what would be needed.
     refused: Mapping[str, str] = field(default_factory=dict)
+    # A config.json key whose value bounds the ONNX model's context: the builder's graph computes what the model
+    # does only up to there, so optimize caps genai_config.json's context_length at it.
+    context_limit: str | None = None
     limits: tuple[str, ...] = ()
     gpu: str = "pending"
 
@@ -116,6 +121,7 @@ _SHAPES = {
 }
 _GQA = {"num_key_value_heads": 2, "head_dim": 64}
 
+QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 PHI3_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
@@ -230,7 +236,7 @@ FAMILIES: tuple[Family, ...] = (
         stop_tokens=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"),
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
         projections=SEPARATE,
-        # Llama 3.2's layout: tied embeddings and Llama 3 RoPE scaling.
+        # Llama 3.2's layout: tied embeddings and Llama 3.1's RoPE scaling.
         tiny_config=_frozen(
             {
                 **_SHAPES,
@@ -246,7 +252,10 @@ FAMILIES: tuple[Family, ...] = (
                 "tie_word_embeddings": True,
             }
         ),
-        limits=("Llama 3's chat format; a Llama 2 model (also model_type llama) needs its own --text-template",),
+        limits=(
+            "the default text template is Llama 3.0's; 3.1 and later render a dated system turn too, and Llama 2 "
+            "(also model_type llama) has its own format: pass --text-template to train in it",
+        ),
     ),
     Family(
         name="mistral",
@@ -291,19 +300,21 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="qwen2",
-        title="Qwen2, Qwen2.5",
+        title="Qwen2.5, Qwen2",
         example="Qwen/Qwen2.5-0.5B-Instruct",
         model_type="qwen2",
         architecture="Qwen2ForCausalLM",
-        # Qwen/Qwen2-0.5B-Instruct's template (ChatML with a default system turn).
+        # Qwen/Qwen2.5-0.5B-Instruct's template without its tool-calling branches (ChatML, a default system turn).
         chat_template=(
-            "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-            "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-            "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+            "{% if messages[0]['role'] == 'system' %}"
+            "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+            "{% else %}{{ '<|im_start|>system\n" + QWEN25_SYSTEM + "<|im_end|>\n' }}{% endif %}"
+            "{% for message in messages %}{% if message['role'] != 'system' or not loop.first %}"
+            "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+            "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
         ),
         text_template=(
-            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+            "<|im_start|>system\n" + QWEN25_SYSTEM + "<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
             "<|im_start|>assistant\n{response}<|im_end|>"
         ),
         tokens=Tokens(special=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>", pad="<|endoftext|>"),
@@ -321,7 +332,10 @@ FAMILIES: tuple[Family, ...] = (
             }
         ),
         tiny_random_biases=True,
-        limits=("Qwen2.5's own system prompt differs from Qwen2's; pass --text-template to train on Qwen2.5's",),
+        limits=(
+            "the default text template has Qwen2.5's default system turn; Qwen2's renders 'You are a helpful "
+            "assistant.': pass --text-template to train in it",
+        ),
     ),
     Family(
         name="gemma2",
@@ -361,7 +375,12 @@ FAMILIES: tuple[Family, ...] = (
                 "tie_word_embeddings": True,
             }
         ),
-        limits=("no system role: the chat template refuses a system message (serve answers 400)",),
+        context_limit="sliding_window",
+        limits=(
+            "no system role: the chat template refuses a system message (serve answers 400)",
+            f"the ONNX model's context is the sliding window (4096 of 8192 tokens): {BUILDER}'s builder slides the "
+            "odd layers where Gemma 2 slides the even ones, which agree only up to the window",
+        ),
     ),
 )
 
@@ -424,7 +443,7 @@ def markdown() -> str:
     for family in FAMILIES:
         limits = "; ".join([*family.limits, *(f"{component}: {why}" for component, why in family.refused.items())])
         rows.append(
-            f"| {family.title} (`tiny:{family.name}`) | `{family.example}` | {', '.join(CPU_STAGES)} | "
+            f"| {family.title} (`tiny:{family.name}`) | `{family.example}` | {CPU_STAGES} | "
             f"awq: {family.gpu} | {', '.join(f'`{t}`' for t in family.lora_targets)} | {limits or '-'} |"
         )
     return "\n".join(rows) + "\n"

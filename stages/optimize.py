@@ -90,22 +90,31 @@ def olive_workflow(parameters: dict, paths: Paths) -> dict:
     return common.olive_workflow(model, passes, paths.workdir, paths.device)
 
 
-def add_stop_tokens(model_dir: Path, family: families.Family) -> list[int]:
-    """Make genai_config.json's eos_token_id hold the id of every token that ends the family's assistant turn:
-    onnxruntime-genai stops only there, and a model's generation config may name only its base eos token. Tokens
-    the model's tokenizer lacks are left out. Returns the ids."""
+def complete_genai_config(model_dir: Path, family: families.Family, base: Path) -> dict:
+    """What the family needs of genai_config.json that the builder leaves out; returns the config.
+
+    - eos_token_id holds every token that ends the family's assistant turn: onnxruntime-genai stops only there, and
+      a model's generation config may name only its base end-of-text token (tokens the tokenizer lacks are left out);
+    - context_length is at most the family's ``context_limit``, where the builder's graph stops computing what the
+      model does.
+    """
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     config_file = model_dir / model_folder.GENAI_CONFIG
+    written = json.loads(config_file.read_text())
     config = json.loads(config_file.read_text())
-    eos = config["model"]["eos_token_id"]
-    eos = eos if isinstance(eos, list) else [eos]
+    model = config["model"]
+    eos = model["eos_token_id"] if isinstance(model["eos_token_id"], list) else [model["eos_token_id"]]
     missing = [i for i in map(tokenizer.token_to_id, family.stop_tokens) if i is not None and i not in eos]
+    limit = json.loads((base / "config.json").read_text()).get(family.context_limit) if family.context_limit else None
     if missing:
-        config["model"]["eos_token_id"] = eos + missing
+        model["eos_token_id"] = eos + missing
+    if limit and limit < model["context_length"]:
+        model["context_length"] = config["search"]["max_length"] = limit
+    if config != written:
         config_file.write_text(json.dumps(config, indent=4))
-    return eos + missing
+    return config
 
 
 def num_hidden_layers(model: Path) -> int:
@@ -209,7 +218,7 @@ def command(
             # Olive's own bookkeeping (it names temp paths) is not part of the model.
             (output / "model_config.json").unlink(missing_ok=True)
             shutil.move(str(output), model_folder.model_dir(out))
-        add_stop_tokens(model_folder.model_dir(out), family)
+        complete_genai_config(model_folder.model_dir(out), family, base)
         if switchable and not model_folder.adapter_file(out, adapter_name).is_file():
             raise click.ClickException("Olive wrote no adapter file; see the stage log")
         if not switchable:

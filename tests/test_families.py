@@ -157,6 +157,46 @@ def test_run_of_an_unsupported_hub_model_says_so_from_its_config_alone(tmp_path)
     assert not (tmp_path / "home" / "quantize").exists()
 
 
+def test_a_dry_run_names_the_family_and_takes_its_template_without_building_anything(tmp_path):
+    result = CliRunner().invoke(quantize.command, ["--home", str(tmp_path), "--model", "tiny:gemma2", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["family"] == "gemma2" and report["builds_tiny_model_in"] == str(tmp_path / "tiny-model-gemma2")
+    assert report["parameters"]["text_template"] == families.BY_NAME["gemma2"].text_template
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_gemma2_builds_agree_with_pytorch_only_up_to_the_sliding_window(tiny_models, tmp_path):
+    """Why optimize caps a Gemma 2 model's context at its sliding window (contract.families' context_limit).
+
+    The builder slides the odd layers and transformers the even ones. If this fails, a newer builder agrees beyond
+    the window: the cap can go.
+    """
+    import onnxruntime_genai as og
+    from onnxruntime_genai.models.builder import create_model
+    from transformers import AutoModelForCausalLM
+
+    model = tmp_path / "gemma2"
+    shutil.copytree(tiny_models / "gemma2", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
+    create_model("gemma2", str(model), str(tmp_path / "onnx"), "fp32", "cpu", str(tmp_path / "cache"))
+    torch_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    onnx_model = og.Model(str(tmp_path / "onnx"))
+    gaps = {}
+    for length in (8, 12):
+        ids = list(range(10, 10 + length))
+        with torch.no_grad():
+            expected = torch_model(torch.tensor([ids])).logits[0, -1].numpy()
+        params = og.GeneratorParams(onnx_model)
+        params.set_search_options(max_length=length + 1)
+        generator = og.Generator(onnx_model, params)
+        generator.append_tokens(ids)
+        gaps[length] = relative(np.array(generator.get_logits())[0, -1], expected)
+    assert gaps[8] < 1e-4 and gaps[12] > 0.1, gaps
+
+
 def test_the_readme_models_table_is_the_family_table():
     assert families.markdown() in (REPO / "README.md").read_text()
 
@@ -220,6 +260,18 @@ def test_each_stage_took_the_family_defaults(family_run):
     assert volume.read_manifest(home / "finetune")["parameters"]["text_template"] == family.text_template
     answers = json.loads((home / "infer" / "answers.json").read_text())
     assert {a["adapter"] for a in answers} == {BASE, "travel"}
+
+
+@pytest.mark.slow
+def test_the_onnx_context_ends_where_the_build_stops_computing_what_the_model_does(family_run):
+    family, home = family_run
+    config = json.loads((home / "quantize" / "dequantized" / "config.json").read_text())
+    genai = json.loads((home / "optimize" / "model" / "genai_config.json").read_text())
+    context = config["max_position_embeddings"]
+    if family.context_limit:
+        context = min(context, config[family.context_limit])
+        assert context < config["max_position_embeddings"], "the tiny model does not exercise the limit"
+    assert genai["model"]["context_length"] == genai["search"]["max_length"] == context
 
 
 @pytest.mark.slow
