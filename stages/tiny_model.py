@@ -142,7 +142,13 @@ def build(
     show_default=True,
     help="JSONL the tokenizer is trained on.",
 )
-@click.option("--vocab-size", default=2048, show_default=True, help="Tokenizer vocabulary size.")
+@click.option(
+    "--vocab-size",
+    default=2048,
+    show_default=True,
+    help="Tokenizer vocabulary size. Not the width of a linear layer (the tiny MLP's 512): onnxruntime-genai 0.14.1's "
+    "builder takes every linear layer as wide as the vocabulary for the output projection.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 @click.option(
     "--config",

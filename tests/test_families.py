@@ -41,10 +41,11 @@ PIPELINE_SETTINGS = {
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    """Every family's tiny model, with a small vocabulary (seconds each)."""
+    """Every family's tiny model, with a small vocabulary (seconds each); not of 512 tokens, the MLP's width, which
+    the model builder would take for the output projection (make-tiny-model --vocab-size says why)."""
     root = tmp_path_factory.mktemp("tiny-models")
     for name in families.NAMES:
-        tiny_model.build(root / name, tiny_model.data.DEFAULT_DATA, 512, 0, None, name)
+        tiny_model.build(root / name, tiny_model.data.DEFAULT_DATA, 1024, 0, None, name)
     return root
 
 
@@ -117,6 +118,19 @@ def test_tiny_phi3_is_the_default_tiny_model_and_unknown_names_are_refused(tmp_p
     assert tiny_model.architecture_of("microsoft/Phi-3.5-mini-instruct") is None
     result = CliRunner().invoke(quantize.command, ["--home", str(tmp_path), "--model", "tiny:falcon"])
     assert result.exit_code == 2 and "no tiny model 'falcon'" in result.output and "qwen2" in result.output
+
+
+def test_make_tiny_model_builds_a_family_into_its_own_folder(tmp_path):
+    result = CliRunner().invoke(tiny_model.main, ["--architecture", "mistral", "--home", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "tiny-model-mistral" / "config.json").read_text())
+    assert config["architectures"] == ["MistralForCausalLM"] and not (tmp_path / "tiny-model").exists()
+    other = tmp_path / "phi3.json"
+    other.write_text(json.dumps({"model_type": "phi3", "hidden_size": 128}))
+    result = CliRunner().invoke(
+        tiny_model.main, ["--architecture", "llama", "--config", str(other), "--output", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 2 and "is a phi3 config; --architecture llama builds llama models" in result.output
 
 
 def test_phi4_mini_and_phi3_share_a_model_type_and_are_told_apart():
