@@ -3,7 +3,7 @@
 Each stage reads its family's row here, from the model's config.json (``model_type``, before any weights are
 downloaded or loaded): quantize refuses a family it cannot take, finetune takes its LoRA targets, optimize its stop
 tokens, make-tiny-model its config class, tokenizer tokens and chat template, and the README's "Models" table is
-``markdown()``. Torch-free: standard library only, so the slim image can read it too.
+``markdown()``. Torch-free (the standard library and click), so the slim image can read it too.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class Family:
     # does only up to there, so optimize caps genai_config.json's context_length at it.
     context_limit: str | None = None
     limits: tuple[str, ...] = ()
+    # What the AWQ run on a GPU found (benchmarks/families_gpu.py): the README's GPU column.
     gpu: str = "pending"
 
     def matches(self, config: Mapping[str, Any]) -> bool:

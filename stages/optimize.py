@@ -102,8 +102,8 @@ def complete_genai_config(model_dir: Path, family: families.Family, base: Path) 
 
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     config_file = model_dir / model_folder.GENAI_CONFIG
-    written = json.loads(config_file.read_text())
-    config = json.loads(config_file.read_text())
+    written = config_file.read_text()
+    config = json.loads(written)
     model = config["model"]
     eos = model["eos_token_id"] if isinstance(model["eos_token_id"], list) else [model["eos_token_id"]]
     missing = [i for i in map(tokenizer.token_to_id, family.stop_tokens) if i is not None and i not in eos]
@@ -112,7 +112,7 @@ def complete_genai_config(model_dir: Path, family: families.Family, base: Path) 
         model["eos_token_id"] = eos + missing
     if limit and limit < model["context_length"]:
         model["context_length"] = config["search"]["max_length"] = limit
-    if config != written:
+    if config != json.loads(written):
         config_file.write_text(json.dumps(config, indent=4))
     return config
 

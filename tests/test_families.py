@@ -151,6 +151,18 @@ def test_a_family_no_component_can_take_is_refused_naming_the_component_and_vers
         families.of_config({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]})
 
 
+def test_a_component_a_family_refuses_stops_the_stage_before_any_work(tmp_path, monkeypatch):
+    import dataclasses
+
+    why = "Olive 0.13's Rtn cannot; Olive 0.14 would be needed"
+    refusing = dataclasses.replace(families.BY_NAME["llama"], refused={"rtn": why})
+    monkeypatch.setattr(families, "BY_NAME", {**families.BY_NAME, "llama": refusing})
+    args = ["--home", str(tmp_path), "--model", "tiny:llama", "--algorithm", "rtn"]
+    result = CliRunner().invoke(quantize.command, args)
+    assert result.exit_code == 2 and f"rtn cannot take Llama 3 models: {why}" in result.output
+    assert not list(tmp_path.iterdir())
+
+
 def fake_hub_model(hf_home: Path, repo: str, config: dict) -> None:
     """A hub model in the Hugging Face cache as a download of config.json alone leaves it: no weights."""
     cache = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
