@@ -3,6 +3,7 @@
 Layout under one root (``--home``, env ``OLIVEPRESS_HOME``, default ``./artifacts``)::
 
     tiny-model/          the embedded default base model (make-tiny-model)
+    tiny-model-<family>/ the tiny model of another family (--model tiny:<family>)
     <stage>/             manifest.json, log.txt and the stage's outputs (contract.registry names them)
     <stage>.failed.log   the log of a failed attempt, until the stage succeeds
     logs/                console output of `olivepress run`, per stage
@@ -35,7 +36,7 @@ from typing import Any
 
 import click
 
-from contract import exits, lock, registry
+from contract import exits, families, lock, registry
 from contract.exits import BadInput
 
 HOME_ENV = "OLIVEPRESS_HOME"
@@ -78,8 +79,9 @@ def output(root: Path, stage: str, key: str) -> Path:
     return stage_dir(root, stage) / registry.STAGES[stage].outputs[key]
 
 
-def tiny_model_dir(root: Path) -> Path:
-    return root / "tiny-model"
+def tiny_model_dir(root: Path, architecture: str = families.DEFAULT) -> Path:
+    """Where make-tiny-model builds the tiny model of a family: ``tiny-model`` is the default family's."""
+    return root / ("tiny-model" if architecture == families.DEFAULT else f"tiny-model-{architecture}")
 
 
 def use_volume_caches(root: Path) -> None:

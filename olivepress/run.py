@@ -110,7 +110,11 @@ def _error_lines(console_log: Path, count: int = 8) -> str:
 
 @click.command("run")
 @volume.home_option("Volume root")
-@click.option("--model", help="Base model: hub id, folder, or 'tiny' (the default: the embedded random-weight Phi-3).")
+@click.option(
+    "--model",
+    help="Base model: hub id, folder, 'tiny' (the default: the embedded random-weight Phi-3) or 'tiny:NAME' (the "
+    'tiny model of another family: README, "Models").',
+)
 @click.option("--algorithm", type=click.Choice(["awq", "gptq", "rtn"]), help="Quantizer [default: gptq].")
 @click.option("--data-files", type=click.Path(exists=True, dir_okay=False), help="JSONL to calibrate and train on.")
 @click.option("--max-steps", type=click.IntRange(min=1), help="LoRA steps [default: 100].")
@@ -135,6 +139,7 @@ def command(
     Examples:
       olivepress run
       olivepress run --model microsoft/Phi-3.5-mini-instruct --algorithm awq   # on a GPU host
+      olivepress run --model tiny:llama                                       # another family's tiny model
 
     A second writer on the same home stops with exit code 5 (or waits, with --wait).
     """

@@ -33,6 +33,10 @@ class UnknownAdapter(BadInput):
     """A name that is neither one of the model's adapters nor, where the model has one, its base."""
 
 
+class RefusedConversation(BadInput):
+    """A conversation the model's chat template does not take, e.g. a system message for Gemma."""
+
+
 def resolve(name: object, names: Sequence[str], noun: str = "adapter") -> str:
     """The served name that ``name`` asks for, out of ``names`` (an Engine's ``names``, or a server's models).
 
@@ -110,8 +114,16 @@ class Engine:
         return self.chat_tokens([{"role": "user", "content": prompt}])
 
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        """A whole conversation through the model's chat template, ready for the assistant's turn."""
-        text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        """A whole conversation through the model's chat template, ready for the assistant's turn.
+
+        A template that refuses the conversation (Gemma's has no system role; Mistral's and Gemma's want user and
+        assistant turns to alternate) is a ``RefusedConversation`` naming its reason.
+        """
+        try:
+            text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        except RuntimeError as error:  # the template's raise_exception(), with the template's position after it
+            reason = str(error).strip().splitlines()[0].split(" at row ")[0]
+            raise RefusedConversation(f"the model's chat template refuses this conversation: {reason}") from None
         return list(self.tokenizer.encode(text))
 
     @property

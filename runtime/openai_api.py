@@ -16,7 +16,7 @@ from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.engine import Engine, UnknownAdapter, resolve
+from runtime.engine import Engine, RefusedConversation, UnknownAdapter, resolve
 
 MAX_STOPS = 4
 OWNER = "olivepress"
@@ -341,7 +341,10 @@ class Service:
     def prepare(self, body: Any) -> Generation:  # noqa: ANN401 (any JSON value)
         """Check a request and tokenize its conversation, or raise a 400."""
         request = parse_chat_request(body, self.model_names, self.default_max_tokens)
-        ids = self.engine.chat_tokens(request.messages)
+        try:
+            ids = self.engine.chat_tokens(request.messages)
+        except RefusedConversation as error:
+            raise ApiError(400, error.message, param="messages") from None
         max_tokens = token_budget(request.max_tokens, len(ids), self.engine.context_length)
         return Generation(request, ids, max_tokens, Usage(prompt_tokens=len(ids)))
 

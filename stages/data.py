@@ -14,10 +14,11 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract import families
 from contract.exits import BadInput
 
-# The lab's Phi-3 chat text template (olive finetune --text_template).
-DEFAULT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
+# The lab's Phi-3 chat text template (olive finetune --text_template): the default family's.
+DEFAULT_TEMPLATE = families.BY_NAME[families.DEFAULT].text_template
 RESPONSE_FIELD = "response"
 # Fewest rows a run takes: one to train on and one held out to score on.
 MIN_ROWS = 2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from contract import registry, volume
+from contract import families, registry, volume
 from contract.exits import BadInput
 from stages import common, data
 from stages import evaluate as evaluate_
@@ -151,7 +151,10 @@ def train_distributed(job: dict, job_file: Path) -> Path:
     default=data.DEFAULT_DATA,
     help='JSONL of {"prompt": ..., "response": ...} rows (CRLF and a missing final newline are fine).',
 )
-@click.option("--text-template", default=data.DEFAULT_TEMPLATE, help="How a row becomes training text (the lab's).")
+@click.option(
+    "--text-template",
+    help="How a row becomes training text [default: the base model family's chat format; Phi-3's is the lab's].",
+)
 @click.option("--method", type=click.Choice(["lora", "qlora"]), default="lora", help="qlora needs a CUDA GPU.")
 @click.option("--max-steps", default=100, type=click.IntRange(min=1), help="Optimizer steps.")
 @click.option("--rank", default=64, type=click.IntRange(min=1), help="LoRA rank r.")
@@ -160,7 +163,10 @@ def train_distributed(job: dict, job_file: Path) -> Path:
 @click.option("--batch-size", default=4, type=click.IntRange(min=1), help="Sequences per step.")
 @click.option("--max-seq-len", default=512, type=click.IntRange(min=16), help="Tokens per training sequence.")
 @click.option(
-    "--target-modules", default="", help="Comma-separated module names to adapt (default: Olive's for the model)."
+    "--target-modules",
+    default="",
+    help="Comma-separated module names to adapt [default: the family's attention projections: qkv_proj,o_proj for "
+    "Phi-3, q_proj,k_proj,v_proj,o_proj for the others].",
 )
 @click.option("--heldout-fraction", default=0.1, help="Share of rows kept out of training, for scoring.")
 @click.option("--seed", default=0, help="Seed of the split, LoRA initialisation and data order.")
@@ -183,7 +189,7 @@ def command(
     root: Path,
     force: bool,
     data_files: Path,
-    text_template: str,
+    text_template: str | None,
     method: str,
     max_steps: int,
     rank: int,
@@ -212,7 +218,15 @@ def command(
         train(json.loads(train_job.read_text()))
         return
     processes = resolve_processes(processes)
-    text_template = data.unescape(text_template)
+    quantized = volume.output(root, "quantize", "dequantized")
+    # The base model's family gives the defaults. Before quantize has run there is no base yet (upstream says so
+    # below); every family's template names the same row fields, so the default family's checks the rows as well.
+    family = (
+        families.of_model_folder(quantized)
+        if (quantized / "config.json").is_file()
+        else families.BY_NAME[families.DEFAULT]
+    )
+    text_template = data.unescape(text_template or family.text_template)
     dataset = data.load_dataset(data_files, text_template)  # every row checked before any compute
     train_idx, heldout_idx = data.split(dataset, heldout_fraction, seed)
     device = common.local_device()
@@ -229,7 +243,7 @@ def command(
         "learning_rate": learning_rate,
         "batch_size": batch_size,
         "max_seq_len": max_seq_len,
-        "target_modules": [m for m in target_modules.split(",") if m],
+        "target_modules": [m for m in target_modules.split(",") if m] or list(family.lora_targets),
         "heldout_fraction": heldout_fraction,
         "seed": seed,
         "torch_dtype": dtype,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from contract import model_folder, volume
+from contract import families, model_folder, volume
 from contract.exits import BadInput
 from stages import common
 from stages import evaluate as evaluate_
@@ -90,6 +90,33 @@ def olive_workflow(parameters: dict, paths: Paths) -> dict:
         "load_kwargs": {"attn_implementation": "eager"},
     }
     return common.olive_workflow(model, passes, paths.workdir, paths.device)
+
+
+def complete_genai_config(model_dir: Path, family: families.Family, base: Path) -> dict:
+    """What the family needs of genai_config.json that the builder leaves out; returns the config.
+
+    - eos_token_id holds every token that ends the family's assistant turn: onnxruntime-genai stops only there, and
+      a model's generation config may name only its base end-of-text token (tokens the tokenizer lacks are left out);
+    - context_length is at most the family's ``context_limit``, where the builder's graph stops computing what the
+      model does.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    config_file = model_dir / model_folder.GENAI_CONFIG
+    written = config_file.read_text()
+    config = json.loads(written)
+    model = config["model"]
+    eos = model["eos_token_id"] if isinstance(model["eos_token_id"], list) else [model["eos_token_id"]]
+    missing = [i for i in map(tokenizer.token_to_id, family.stop_tokens) if i is not None and i not in eos]
+    limit = json.loads((base / "config.json").read_text()).get(family.context_limit) if family.context_limit else None
+    if missing:
+        model["eos_token_id"] = eos + missing
+    if limit and limit < model["context_length"]:
+        model["context_length"] = config["search"]["max_length"] = limit
+    if config != json.loads(written):
+        config_file.write_text(json.dumps(config, indent=4))
+    return config
 
 
 def num_hidden_layers(model: Path) -> int:
@@ -192,6 +219,7 @@ def command(
         "evaluate": evaluate,
     }
     switchable = adapter_mode == "switchable"
+    family = families.of_model_folder(base)
     layers = num_hidden_layers(base)
     if dry_run:
         paths = Paths(base, adapter, layers, volume.scratch_placeholder(root, "optimize-"), TARGET_DEVICE)
@@ -208,6 +236,7 @@ def command(
             # Olive's own bookkeeping (it names temp paths) is not part of the model.
             (output / "model_config.json").unlink(missing_ok=True)
             shutil.move(str(output), model_folder.model_dir(out))
+        complete_genai_config(model_folder.model_dir(out), family, base)
         if switchable and not model_folder.adapter_file(out, adapter_name).is_file():
             raise click.ClickException("Olive wrote no adapter file; see the stage log")
         if not switchable:

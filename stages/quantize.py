@@ -17,11 +17,10 @@ from pathlib import Path
 
 import click
 
-from contract import lock, registry, volume
+from contract import families, lock, registry, volume
 from contract.exits import BadInput
-from stages import awq_speedups, common, data
+from stages import awq_speedups, common, data, tiny_model
 from stages import evaluate as evaluate_
-from stages.tiny_model import build as build_tiny_model
 
 ALGORITHMS = {
     # name: (Olive pass, needs a CUDA GPU, uses calibration data)
@@ -29,7 +28,6 @@ ALGORITHMS = {
     "gptq": ("Gptq", False, True),
     "rtn": ("Rtn", False, False),
 }
-TINY = "tiny"
 OUTPUTS = registry.STAGES["quantize"].outputs
 
 
@@ -48,20 +46,26 @@ class Paths:
 
 
 def model_source(model: str, root: Path) -> str:
-    """``tiny`` is the embedded default, in its folder on the volume; a folder is used as is; else a hub id."""
-    if model == TINY:
-        return str(volume.tiny_model_dir(root))
+    """``tiny`` (or ``tiny:NAME``) is an embedded tiny model, in its folder on the volume; a folder is used as is;
+    else a hub id."""
+    architecture = tiny_model.architecture_of(model)
+    if architecture:
+        return str(volume.tiny_model_dir(root, architecture))
     return str(Path(model).resolve()) if Path(model).exists() else model
 
 
-def tiny_model_to_build(model: str, root: Path) -> Path | None:
-    """The folder the embedded default is built in on first use, while it is not built yet."""
-    folder = volume.tiny_model_dir(root)
-    return folder if model == TINY and not (folder / "config.json").is_file() else None
+def tiny_model_to_build(model: str, root: Path) -> tuple[Path, str] | None:
+    """The folder an embedded tiny model is built in on first use, and its family, while it is not built yet."""
+    architecture = tiny_model.architecture_of(model)
+    if not architecture:
+        return None
+    folder = volume.tiny_model_dir(root, architecture)
+    return None if (folder / "config.json").is_file() else (folder, architecture)
 
 
-def model_dtype(model: str, trust_remote_code: bool) -> str:
-    """The model's own dtype, read from its config: also the check, before any compute, that the model loads."""
+def model_config(model: str, trust_remote_code: bool) -> dict:
+    """The model's config (of a hub id, config.json alone is fetched): the check, before any weights are fetched or
+    loaded, that the model loads."""
     from transformers import AutoConfig
 
     try:
@@ -75,8 +79,12 @@ def model_dtype(model: str, trust_remote_code: bool) -> str:
             "or use --model tiny"
         )
         raise BadInput(f"cannot load model {model!r}: {reason} -- {hint}") from None
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-    return str(dtype).removeprefix("torch.")
+    return config.to_dict()
+
+
+def model_dtype(config: dict) -> str:
+    """The model's own dtype, as its config names it."""
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
 
 
 def write_calibration(dataset: data.Dataset, samples: int, folder: Path) -> Path:
@@ -202,8 +210,9 @@ def _dequantize_awq(quantized: Path, out: Path, dtype: str) -> None:
 @common.stage_command("quantize")
 @click.option(
     "--model",
-    default=TINY,
-    help="Hugging Face hub id or local folder; 'tiny' is the embedded random-weight Phi-3 (built on first use).",
+    default=tiny_model.TINY,
+    help="Hugging Face hub id or local folder; 'tiny' is the embedded random-weight Phi-3, 'tiny:NAME' that of "
+    f"another family ({', '.join(families.NAMES)}); built on first use.",
 )
 @click.option(
     "--algorithm",
@@ -219,7 +228,7 @@ def _dequantize_awq(quantized: Path, out: Path, dtype: str) -> None:
     default=data.DEFAULT_DATA,
     help="JSONL of {prompt, response} rows that awq and gptq calibrate on (never a hub dataset).",
 )
-@click.option("--text-template", default=data.DEFAULT_TEMPLATE, help="How a row becomes calibration text.")
+@click.option("--text-template", help="How a row becomes calibration text [default: the model family's chat format].")
 @click.option("--calibration-samples", default=128, help="Rows used for calibration.")
 @click.option("--max-seq-len", default=512, help="Tokens per calibration sample.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (off: unsafe).")
@@ -235,7 +244,7 @@ def command(
     bits: str,
     group_size: int,
     calibration_data: Path,
-    text_template: str,
+    text_template: str | None,
     calibration_samples: int,
     max_seq_len: int,
     trust_remote_code: bool,
@@ -265,12 +274,18 @@ def command(
         raise BadInput(
             f"--algorithm {algorithm} needs a CUDA GPU and none is visible; on a CPU use --algorithm one of {cpu_ones}"
         )
-    text_template = data.unescape(text_template)
+    tiny_architecture = tiny_model.architecture_of(model)
+    tiny_folder = tiny_model_to_build(model, root)
+    model = model_source(model, root)
+    # The family decides the defaults, and whether the model goes through at all: from its config, before any data,
+    # weights or compute.
+    config = None if tiny_architecture else model_config(model, trust_remote_code)
+    family = families.BY_NAME[tiny_architecture] if tiny_architecture else families.of_config(config, model)
+    families.refuse(family, algorithm)
+    text_template = data.unescape(text_template or family.text_template)
     dataset = data.load_dataset(calibration_data, text_template) if calibrates or evaluate else None
     if dataset:
         train_idx, heldout_idx = data.split(dataset, heldout_fraction, seed)
-    tiny_folder = tiny_model_to_build(model, root)
-    model = model_source(model, root)
     parameters = {
         "algorithm": algorithm,
         "bits": int(bits),
@@ -288,16 +303,19 @@ def command(
         inputs["calibration_data"] = calibration_data
 
     if dry_run:
-        if not tiny_folder:
-            model_dtype(model, trust_remote_code)  # the check a run makes that the model loads
         paths = Paths(model, volume.scratch_placeholder(root, "quantize-"), device)
-        details = {"builds_tiny_model_in": str(tiny_folder)} if tiny_folder else {}
+        details = {"family": family.name}
+        if tiny_folder:
+            details["builds_tiny_model_in"] = str(tiny_folder[0])
         common.print_dry_run("quantize", root, parameters, paths, olive_workflow(parameters, paths), **details)
         return
     if tiny_folder:
+        folder, architecture = tiny_folder
         with lock.writer(root):
-            build_tiny_model(tiny_folder, data.DEFAULT_DATA, vocab_size=2048, seed=0, config_file=None)
-    dtype = model_dtype(model, trust_remote_code)
+            tiny_model.build(
+                folder, data.DEFAULT_DATA, vocab_size=2048, seed=0, config_file=None, architecture=architecture
+            )
+    dtype = model_dtype(config or model_config(model, trust_remote_code))
 
     def work(out: Path) -> dict:
         with volume.scratch(root, "quantize-") as tmp:

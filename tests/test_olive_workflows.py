@@ -171,7 +171,7 @@ def upstream_home(tmp_path):
 
     def dequantized(out):
         (out / "dequantized").mkdir()
-        (out / "dequantized" / "config.json").write_text(json.dumps({"num_hidden_layers": 3}))
+        (out / "dequantized" / "config.json").write_text(json.dumps({"model_type": "phi3", "num_hidden_layers": 3}))
 
     volume.run_stage("quantize", tmp_path, {}, {"group_size": 32}, dequantized)
     volume.run_stage("finetune", tmp_path, {}, {}, lambda out: (out / "adapter").mkdir())

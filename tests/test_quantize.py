@@ -68,6 +68,8 @@ def write_awq_checkpoint(model_dir, out, group_size=128):
     state, expected = {}, {}
     for name, tensor in model.state_dict().items():
         state[name] = tensor.contiguous()
+    if model.config.tie_word_embeddings:  # saved once, as AutoAWQ's save_pretrained saves it
+        state.pop("lm_head.weight", None)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
             w = module.weight.data
