@@ -73,7 +73,12 @@ def test_gptq_calibrates_on_the_local_dataset_in_the_workdir():
     }
     (calibration,) = workflow["data_configs"]
     assert calibration["load_dataset_config"]["data_name"] == str(WORK / "calibration")
-    assert calibration["pre_process_data_config"] == {"input_cols": "text", "max_seq_len": 256}
+    assert calibration["pre_process_data_config"] == {
+        "input_cols": "text",
+        "max_seq_len": 256,
+        "strategy": "line-by-line",
+        "pad_to_max_len": False,
+    }
     assert workflow["systems"]["local_system"]["accelerators"][0]["execution_providers"] == ["CPUExecutionProvider"]
 
 
