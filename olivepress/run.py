@@ -116,7 +116,9 @@ def _error_lines(console_log: Path, count: int = 8) -> str:
     'tiny model of another family: README, "Models").',
 )
 @click.option("--algorithm", type=click.Choice(["awq", "gptq", "rtn"]), help="Quantizer [default: gptq].")
-@click.option("--data-files", type=click.Path(exists=True, dir_okay=False), help="JSONL to calibrate and train on.")
+@click.option(
+    "--data-files", type=click.Path(exists=True), help="JSONL file, or folder of them, to calibrate and train on."
+)
 @click.option("--max-steps", type=click.IntRange(min=1), help="LoRA steps [default: 100].")
 @click.option("--force", is_flag=True, help="Rerun every stage even if nothing changed.")
 @lock.wait_option

@@ -3,6 +3,17 @@
 It trains on ``quantize/dequantized`` (the quantized weights as a plain float
 model; quantize.py says why) and writes ``finetune/adapter`` (a PEFT adapter).
 Only the train split is seen; the held-out rows are left for scoring.
+
+The loss counts the answer tokens only, unless ``--train-on-inputs``.  Olive's
+LoRA pass trains from a data config, and its text-generation preprocessing
+cannot mask (it joins all rows and cuts blocks, dropping the tail), so this
+stage hands it pre-tokenized data: ``training_data`` renders and tokenizes the
+rows with the one function scoring uses too (``data.example``), packs them
+into sequences with labels of -100 where the loss must not look, and Olive
+loads that file as it is (``skip_pre_process``); its LoRA collator pads and
+keeps the labels.  Registering a preprocessing component with Olive instead
+would put the same code behind a user script that every training process
+imports by path, and leave bad data to be found after the model has loaded.
 """
 
 from __future__ import annotations
@@ -35,11 +46,38 @@ def resolve_processes(value: str) -> int:
     return int(value)
 
 
-def write_rows(rows: list[dict[str, str]], path: Path) -> Path:
+def write_rows(rows: list[dict], path: Path) -> Path:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def training_data(
+    dataset: data.Dataset, tokenizer: data.Tokenizer, max_seq_len: int, train_on_inputs: bool
+) -> data.Packed:
+    """The train rows as the sequences training sees: tokenized, masked, packed; a row cut at ``max_seq_len``
+    is counted in a warning, and data with no answer token left to train on is refused."""
+    packed = data.pack(dataset.examples(tokenizer, train_on_inputs), max_seq_len)
+    if packed.truncated:
+        log.warning(
+            "finetune: %d of %d train rows are longer than --max-seq-len %d tokens and were cut to it",
+            packed.truncated,
+            len(dataset.rows),
+            max_seq_len,
+        )
+    if packed.dropped:
+        log.warning(
+            "finetune: %d train row(s) have no answer token in their first %d tokens and are left out; "
+            "raise --max-seq-len to train on them",
+            packed.dropped,
+            max_seq_len,
+        )
+    if not packed.sequences:
+        raise BadInput(
+            f"no train row has an answer token within its first --max-seq-len {max_seq_len} tokens; raise --max-seq-len"
+        )
+    return packed
 
 
 @dataclass(frozen=True)
@@ -47,12 +85,12 @@ class Paths:
     """What a finetune run's Olive workflows work on: the base model, a scratch folder and the device."""
 
     base: Path  # the dequantized model LoRA trains on
-    workdir: Path  # scratch: the train rows, the job file and one folder per training process
-    train_rows: int  # how many rows the train file holds
+    workdir: Path  # scratch: the training sequences, the job file and one folder per training process
     device: str  # "gpu" or "cpu": where training runs
 
     @property
     def train_file(self) -> Path:
+        """The training sequences (``training_data``), one JSON object per line."""
         return self.workdir / "train.jsonl"
 
     @property
@@ -93,13 +131,8 @@ def olive_workflow(parameters: dict, paths: Paths, process: int = 0) -> dict:
         "name": "train_data",
         "type": "HuggingfaceContainer",
         "load_dataset_config": {"data_name": "json", "split": "train", "data_files": [str(paths.train_file)]},
-        "pre_process_data_config": {
-            "text_template": parameters["text_template"],
-            "max_seq_len": parameters["max_seq_len"],
-            "add_special_tokens": False,
-            "max_samples": paths.train_rows,
-        },
-        "dataloader_config": {"batch_size": parameters["batch_size"]},
+        # The file holds input_ids, attention_mask and labels already (the module docstring says why).
+        "pre_process_data_config": {"type": "skip_pre_process"},
     }
     model = {"model_path": str(paths.base), "load_kwargs": {"attn_implementation": "eager"}}
     return common.olive_workflow(model, {"lora": lora}, paths.process_dir(process), paths.device, [train_data])
@@ -149,11 +182,13 @@ def train_distributed(job: dict, job_file: Path) -> Path:
     "--data-files",
     type=click.Path(path_type=Path),
     default=data.DEFAULT_DATA,
-    help='JSONL of {"prompt": ..., "response": ...} rows (CRLF and a missing final newline are fine).',
+    help='JSONL file, or a folder of them, of {"prompt": ..., "response": ...} rows or chat rows '
+    '{"messages": [{"role": ..., "content": ...}, ...]} (CRLF and a missing final newline are fine).',
 )
 @click.option(
     "--text-template",
-    help="How a row becomes training text [default: the base model family's chat format; Phi-3's is the lab's].",
+    help="How a prompt/response row becomes training text [default: the base model family's chat format; "
+    "Phi-3's is the lab's]; chat rows use the model's own chat template.",
 )
 @click.option("--method", type=click.Choice(["lora", "qlora"]), default="lora", help="qlora needs a CUDA GPU.")
 @click.option("--max-steps", default=100, type=click.IntRange(min=1), help="Optimizer steps.")
@@ -161,7 +196,17 @@ def train_distributed(job: dict, job_file: Path) -> Path:
 @click.option("--alpha", default=16.0, help="LoRA alpha (scale = alpha / rank).")
 @click.option("--learning-rate", default=2e-4, help="AdamW learning rate (constant schedule, Olive's default).")
 @click.option("--batch-size", default=4, type=click.IntRange(min=1), help="Sequences per step.")
-@click.option("--max-seq-len", default=512, type=click.IntRange(min=16), help="Tokens per training sequence.")
+@click.option(
+    "--max-seq-len",
+    default=512,
+    type=click.IntRange(min=16),
+    help="Tokens per training sequence: whole rows are packed into each; a longer row is cut to it.",
+)
+@click.option(
+    "--train-on-inputs/--train-on-answers",
+    default=False,
+    help="The loss counts every token, prompt included, or only the answers (the response; each assistant turn).",
+)
 @click.option(
     "--target-modules",
     default="",
@@ -197,6 +242,7 @@ def command(
     learning_rate: float,
     batch_size: int,
     max_seq_len: int,
+    train_on_inputs: bool,
     target_modules: str,
     heldout_fraction: float,
     seed: int,
@@ -206,7 +252,7 @@ def command(
     torch_dtype: str,
     dry_run: bool,
 ) -> None:
-    """Train a LoRA adapter on the quantized model from a JSONL of prompt/response rows.
+    """Train a LoRA adapter on the quantized model from JSONL prompt/response or chat rows, on the answers.
 
     \b
     Examples:
@@ -243,6 +289,7 @@ def command(
         "learning_rate": learning_rate,
         "batch_size": batch_size,
         "max_seq_len": max_seq_len,
+        "train_on_inputs": train_on_inputs,
         "target_modules": [m for m in target_modules.split(",") if m] or list(family.lora_targets),
         "heldout_fraction": heldout_fraction,
         "seed": seed,
@@ -260,16 +307,17 @@ def command(
     }
 
     if dry_run:
-        paths = Paths(base, volume.scratch_placeholder(root, "finetune-"), len(train_idx), device)
+        paths = Paths(base, volume.scratch_placeholder(root, "finetune-"), device)
         job = training_job(parameters, paths)
         details = {"job_file": {"path": str(paths.job_file), "content": job}} if processes > 1 else {}
         common.print_dry_run("finetune", root, parameters, paths, job["workflows"][0], **details)
         return
 
     def work(out: Path) -> dict:
+        packed = training_data(dataset.subset(train_idx), data.hf_tokenizer(base), max_seq_len, train_on_inputs)
         with volume.scratch(root, "finetune-") as tmp:
-            paths = Paths(base, tmp, len(train_idx), device)
-            write_rows([dataset.rows[i] for i in train_idx], paths.train_file)
+            paths = Paths(base, tmp, device)
+            write_rows(packed.sequences, paths.train_file)
             job = training_job(parameters, paths)
             adapter_dir = train(job) if processes == 1 else train_distributed(job, paths.job_file)
             shutil.move(str(adapter_dir), out / OUTPUTS["adapter"])
@@ -284,7 +332,18 @@ def command(
         # The held-out rows travel with the adapter: optimize scores the ONNX model on exactly these.
         heldout = [dataset.rows[i] for i in heldout_idx]
         write_rows(heldout, out / OUTPUTS["heldout"])
-        extra: dict = {"split": split_record, "world_size": processes}
+        extra: dict = {
+            "split": split_record,
+            "world_size": processes,
+            "training_data": {
+                "format": dataset.format,
+                "sequences": len(packed.sequences),
+                "tokens": packed.tokens,
+                "trained_tokens": packed.trained_tokens,
+                "truncated_rows": packed.truncated,
+                "dropped_rows": packed.dropped,
+            },
+        }
         if evaluate and heldout:
             extra["metrics"] = {
                 "finetuned": evaluate_.torch_loss(base, heldout, text_template, out / OUTPUTS["adapter"])

@@ -87,11 +87,11 @@ def model_dtype(config: dict) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
 
 
-def write_calibration(dataset: data.Dataset, samples: int, folder: Path) -> Path:
-    """The rendered training texts as a local JSONL dataset folder: Olive and AutoAWQ read it instead of a hub set."""
+def write_calibration(texts: list[str], folder: Path) -> Path:
+    """The calibration texts as a local JSONL dataset folder: Olive and AutoAWQ read it instead of a hub set."""
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "calibration.jsonl").open("w", encoding="utf-8") as f:
-        for text in dataset.texts()[:samples]:
+        for text in texts:
             f.write(json.dumps({"text": text}) + "\n")
     return folder
 
@@ -115,8 +115,14 @@ def olive_workflow(parameters: dict, paths: Paths) -> dict:
                 "type": "HuggingfaceContainer",
                 # AutoAWQ calls datasets.load_dataset(data_name, split=...) itself: a local folder works for both.
                 "load_dataset_config": {"data_name": str(paths.calibration), "split": "train"},
-                # One column name, not a list: AutoAWQ indexes each row with it.
-                "pre_process_data_config": {"input_cols": "text", "max_seq_len": parameters["max_seq_len"]},
+                "pre_process_data_config": {
+                    "input_cols": "text",  # one column name, not a list: AutoAWQ indexes each row with it
+                    "max_seq_len": parameters["max_seq_len"],
+                    # One sample per row, cut at max_seq_len: Olive's default joins the rows into max_seq_len
+                    # blocks and drops the rest, which leaves nothing of a small file.
+                    "strategy": "line-by-line",
+                    "pad_to_max_len": False,
+                },
                 "dataloader_config": {"batch_size": 1},
             }
         )
@@ -226,9 +232,14 @@ def _dequantize_awq(quantized: Path, out: Path, dtype: str) -> None:
     "--calibration-data",
     type=click.Path(path_type=Path),
     default=data.DEFAULT_DATA,
-    help="JSONL of {prompt, response} rows that awq and gptq calibrate on (never a hub dataset).",
+    help="JSONL file (or folder of them) of prompt/response or chat rows that awq and gptq calibrate on "
+    "(never a hub dataset).",
 )
-@click.option("--text-template", help="How a row becomes calibration text [default: the model family's chat format].")
+@click.option(
+    "--text-template",
+    help="How a prompt/response row becomes calibration text [default: the model family's chat format]; chat rows "
+    "use the model's own chat template.",
+)
 @click.option("--calibration-samples", default=128, help="Rows used for calibration.")
 @click.option("--max-seq-len", default=512, help="Tokens per calibration sample.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (off: unsafe).")
@@ -316,13 +327,16 @@ def command(
                 folder, data.DEFAULT_DATA, vocab_size=2048, seed=0, config_file=None, architecture=architecture
             )
     dtype = model_dtype(config or model_config(model, trust_remote_code))
+    # Each row's whole text, as training and inference see it: chat rows through the model's own chat template,
+    # which this checks before any compute.
+    chat_template = data.hf_tokenizer(model).chat_template if dataset and dataset.format == data.CHAT else None
+    texts = dataset.texts(chat_template) if dataset else []
 
     def work(out: Path) -> dict:
         with volume.scratch(root, "quantize-") as tmp:
             paths = Paths(model, tmp, device)
             if calibrates:  # on the train rows only: the held-out rows must stay unseen
-                train = data.Dataset([dataset.rows[i] for i in train_idx], dataset.template, dataset.sha256)
-                write_calibration(train, calibration_samples, paths.calibration)
+                write_calibration([texts[i] for i in train_idx[:calibration_samples]], paths.calibration)
             if algorithm == "awq":
                 awq_speedups.apply()  # same weights, minutes sooner (stages/awq_speedups.py)
             output = common.run_olive_workflow(olive_workflow(parameters, paths))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from contract import volume
@@ -50,7 +51,47 @@ def test_the_split_is_shared_and_heldout_rows_are_on_the_volume(tiny_run):
 
 def test_scored_tokens_are_the_response_only():
     rows = data.load_dataset(data.DEFAULT_DATA).rows[:3]
-    encode = lambda text: [ord(c) for c in text]  # noqa: E731 (a character "tokenizer")
-    for row, (prompt, response) in zip(rows, evaluate.split_tokens(encode, rows, data.DEFAULT_TEMPLATE), strict=True):
-        assert "".join(map(chr, response)) == row["response"] + "<|end|>"
-        assert "".join(map(chr, prompt)).endswith("<|assistant|>\n")
+    tokenizer = data.Tokenizer(encode=lambda text: [ord(c) for c in text])  # a character "tokenizer"
+    for row, (ids, mask) in zip(rows, evaluate.scored_examples(tokenizer, rows, data.DEFAULT_TEMPLATE), strict=True):
+        response = "".join(chr(i) for i, scored in zip(ids, mask, strict=True) if scored)
+        prompt = "".join(chr(i) for i, scored in zip(ids, mask, strict=True) if not scored)
+        assert response == row["response"] + "<|end|>"
+        assert prompt.endswith("<|assistant|>\n") and mask == sorted(mask)
+
+
+CHAT_ROWS = [
+    {
+        "messages": [
+            {"role": "system", "content": "You are a travel guide."},
+            {"role": "user", "content": "Where should I eat in Rome?"},
+            {"role": "assistant", "content": "Trastevere, for its trattorias."},
+            {"role": "user", "content": "And for dessert?"},
+            {"role": "assistant", "content": "Gelato near the Pantheon."},
+        ]
+    },
+    {"messages": [{"role": "user", "content": "Best time for Paris?"}, {"role": "assistant", "content": "Spring."}]},
+]
+
+
+def test_onnxruntime_genai_renders_and_tokenizes_as_training_does(tiny_run):
+    """Chat rows through the optimized model's onnxruntime-genai tokenizer and chat template (what infer and serve
+    use) give the tokens and the scored positions that the Hugging Face tokenizer gives training."""
+    from runtime.engine import Engine
+
+    engine = Engine(tiny_run / "optimize")
+    onnx = evaluate.genai_tokenizer(engine)
+    torch_side = data.hf_tokenizer(tiny_run / "quantize" / "dequantized")
+    heldout = [json.loads(line) for line in (tiny_run / "finetune" / "heldout.jsonl").read_text().splitlines()]
+    for rows, template in ((CHAT_ROWS, ""), (heldout, data.DEFAULT_TEMPLATE)):
+        assert evaluate.scored_examples(onnx, rows, template) == evaluate.scored_examples(torch_side, rows, template)
+    # What serve sends for a conversation is the scored text up to the answer the model is to give.
+    for row in CHAT_ROWS:
+        ids, mask = data.example(row, "", torch_side)
+        asked = engine.chat_tokens(row["messages"][:-1])
+        assert ids[: len(asked)] == asked and mask[len(asked)] and not mask[len(asked) - 1]
+    prompt, response = heldout[0]["prompt"], heldout[0]["response"]
+    asked = engine.prompt_tokens(prompt)
+    assert (
+        data.example({"prompt": prompt, "response": response}, data.DEFAULT_TEMPLATE, torch_side)[0][: len(asked)]
+        == asked
+    )

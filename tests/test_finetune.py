@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
+import random
+import re
 import shutil
+import string
 
+import pytest
 import torch
 from click.testing import CliRunner
+from conftest import olivepress
 
 from contract import volume
-from stages import finetune
+from contract.exits import BadInput
+from stages import data, finetune
 
 
 def invoke(home, *args):
@@ -66,3 +73,80 @@ def test_two_gloo_processes_train_data_parallel_and_save_one_adapter(tiny_run, t
 def test_processes_must_be_a_count(tmp_path):
     result = invoke(tmp_path, "--processes", "two")
     assert result.exit_code == 2 and "--processes must be a whole number" in result.output
+
+
+def noise(rng: random.Random, length: int) -> str:
+    return "".join(rng.choice(string.ascii_letters + string.digits + string.punctuation) for _ in range(length))
+
+
+def noisy_rows(count: int) -> list[dict[str, str]]:
+    """Travel answers to prompts of random characters: a model cannot predict the prompts, so their tokens would
+    move the loss if they leaked into it."""
+    rng = random.Random(0)
+    answers = [row["response"] for row in data.load_dataset(data.DEFAULT_DATA).rows[:count]]
+    return [{"prompt": noise(rng, 60), "response": answer} for answer in answers]
+
+
+def hand_made_labels(tokenizer: data.Tokenizer, rows: list[dict[str, str]], train_on_inputs: bool) -> list[int]:
+    """The labels of rows packed in one sequence, built piece by piece from the template's text by hand."""
+    labels = []
+    for row in rows:
+        prompt = tokenizer.encode(f"<|user|>\n{row['prompt']}<|end|>\n<|assistant|>\n")
+        answer = tokenizer.encode(f"{row['response']}<|end|>")
+        row_labels = list(prompt if train_on_inputs else [data.IGNORE_INDEX] * len(prompt)) + list(answer)
+        labels += [data.IGNORE_INDEX] + row_labels[1:]  # nothing predicts a row's first token
+    return labels
+
+
+def test_training_labels_are_the_answers_unless_training_on_inputs(tiny_run, caplog):
+    tokenizer = data.hf_tokenizer(tiny_run / "quantize" / "dequantized")
+    rows = noisy_rows(3)
+    dataset = data.Dataset(rows, data.DEFAULT_TEMPLATE, "")
+    for train_on_inputs in (False, True):
+        packed = finetune.training_data(dataset, tokenizer, 512, train_on_inputs)
+        (sequence,) = packed.sequences
+        assert sequence["labels"] == hand_made_labels(tokenizer, rows, train_on_inputs)
+        ids = [t for label, t in zip(sequence["labels"], sequence["input_ids"], strict=True) if label != -100]
+        assert [label for label in sequence["labels"] if label != -100] == ids
+    examples = dataset.examples(tokenizer)
+    longest_prompt = max(mask.index(True) for _, mask in examples)
+    shortest_row = min(len(ids) for ids, _ in examples)
+    cut = longest_prompt + 2  # every row cut, every row keeping answer tokens
+    assert cut < shortest_row
+    with caplog.at_level(logging.WARNING, logger="olivepress"):
+        packed = finetune.training_data(dataset, tokenizer, cut, False)
+    assert packed.truncated == 3 and f"3 of 3 train rows are longer than --max-seq-len {cut}" in caplog.text
+    assert [len(sequence["input_ids"]) for sequence in packed.sequences] == [cut] * 3
+    with pytest.raises(BadInput, match="raise --max-seq-len"):
+        finetune.training_data(dataset, tokenizer, min(mask.index(True) for _, mask in examples), False)
+
+
+def test_the_loss_the_trainer_reports_is_the_loss_on_the_answers(tiny_run, tmp_path):
+    """Olive's trainer, one step from the untrained adapter (LoRA starts as a no-op), reports the base model's
+    loss on its batch: the answer tokens' loss, and with --train-on-inputs the loss on every token; the two differ
+    by far more than the log's rounding, so a prompt token leaking into the loss fails this test."""
+    from transformers import AutoModelForCausalLM
+
+    rows = noisy_rows(4)
+    data_file = tmp_path / "noisy.jsonl"
+    finetune.write_rows(rows, data_file)
+    train_idx, _ = data.split(data.load_dataset(data_file), 0.25, seed=0)
+    train = [rows[i] for i in train_idx]
+    tokenizer = data.hf_tokenizer(tiny_run / "quantize" / "dequantized")
+    model = AutoModelForCausalLM.from_pretrained(tiny_run / "quantize" / "dequantized", dtype=torch.float32)
+    texts = [data.text(row, data.DEFAULT_TEMPLATE, None) for row in train]
+    input_ids = torch.tensor([[token for text in texts for token in tokenizer.encode(text)]])
+    expected = {}
+    with torch.no_grad():
+        for train_on_inputs in (False, True):
+            labels = torch.tensor([hand_made_labels(tokenizer, train, train_on_inputs)])
+            expected[train_on_inputs] = model.eval()(input_ids=input_ids, labels=labels).loss.item()
+    assert abs(expected[True] - expected[False]) > 0.005, "the data cannot tell the two losses apart"
+    for train_on_inputs in (False, True):
+        home = tmp_path / f"inputs-{train_on_inputs}"
+        shutil.copytree(tiny_run / "quantize", home / "quantize")
+        args = ["--data-files", str(data_file), "--heldout-fraction", "0.25", "--max-steps", "1", "--no-evaluate"]
+        result = olivepress("finetune", *args, *["--train-on-inputs"] * train_on_inputs, home=home)
+        (reported,) = re.findall(r"'loss': '?([0-9.]+)", result.stdout + result.stderr)
+        assert float(reported) == pytest.approx(expected[train_on_inputs], abs=6e-4), (train_on_inputs, expected)
+        assert volume.read_manifest(home / "finetune")["training_data"]["sequences"] == 1

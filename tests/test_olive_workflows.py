@@ -73,7 +73,12 @@ def test_gptq_calibrates_on_the_local_dataset_in_the_workdir():
     }
     (calibration,) = workflow["data_configs"]
     assert calibration["load_dataset_config"]["data_name"] == str(WORK / "calibration")
-    assert calibration["pre_process_data_config"] == {"input_cols": "text", "max_seq_len": 256}
+    assert calibration["pre_process_data_config"] == {
+        "input_cols": "text",
+        "max_seq_len": 256,
+        "strategy": "line-by-line",
+        "pad_to_max_len": False,
+    }
     assert workflow["systems"]["local_system"]["accelerators"][0]["execution_providers"] == ["CPUExecutionProvider"]
 
 
@@ -89,7 +94,7 @@ def test_awq_names_its_group_size_its_own_way_and_rtn_needs_no_data():
 
 
 def test_finetune_trains_lora_on_the_train_file_with_the_parameters():
-    paths = finetune.Paths(Path("/volume/quantize/dequantized"), WORK, 260, "cpu")
+    paths = finetune.Paths(Path("/volume/quantize/dequantized"), WORK, "cpu")
     workflow = finetune.olive_workflow(finetune_parameters(max_steps=20, target_modules=["qkv_proj"]), paths)
     lora = workflow["passes"]["lora"]
     assert lora["type"] == "LoRA" and lora["r"] == 64 and lora["target_modules"] == ["qkv_proj"]
@@ -97,14 +102,14 @@ def test_finetune_trains_lora_on_the_train_file_with_the_parameters():
     assert lora["training_args"]["gradient_checkpointing"] is False and "device_map" not in lora
     (train_data,) = workflow["data_configs"]
     assert train_data["load_dataset_config"]["data_files"] == [str(WORK / "train.jsonl")]
-    assert train_data["pre_process_data_config"]["max_samples"] == 260
+    assert train_data["pre_process_data_config"] == {"type": "skip_pre_process"}  # the file is tokenized already
     assert workflow["input_model"]["model_path"] == "/volume/quantize/dequantized"
     assert workflow["output_dir"] == str(WORK / "rank0" / "output")
 
 
 def test_each_training_process_gets_its_own_folder_and_on_gpus_its_own_device():
     parameters = finetune_parameters(method="qlora", processes=2)
-    job = finetune.training_job(parameters, finetune.Paths(Path("/b"), WORK, 10, "gpu"))
+    job = finetune.training_job(parameters, finetune.Paths(Path("/b"), WORK, "gpu"))
     assert job["seed"] == 0 and [w["output_dir"] for w in job["workflows"]] == [
         str(WORK / "rank0" / "output"),
         str(WORK / "rank1" / "output"),
@@ -112,7 +117,7 @@ def test_each_training_process_gets_its_own_folder_and_on_gpus_its_own_device():
     lora = job["workflows"][1]["passes"]["lora"]
     assert lora["type"] == "QLoRA" and lora["device_map"] == "current_device"
     assert lora["training_args"]["gradient_checkpointing"] is True
-    on_cpu = finetune.training_job(parameters, finetune.Paths(Path("/b"), WORK, 10, "cpu"))
+    on_cpu = finetune.training_job(parameters, finetune.Paths(Path("/b"), WORK, "cpu"))
     assert "device_map" not in on_cpu["workflows"][0]["passes"]["lora"]
 
 
@@ -145,7 +150,7 @@ from pathlib import Path
 from stages import finetune, optimize, quantize
 from tests.test_olive_workflows import WORK, finetune_parameters, optimize_parameters, quantize_parameters
 quantize.olive_workflow(quantize_parameters(), quantize.Paths("/m", WORK, "cpu"))
-finetune.training_job(finetune_parameters(processes=2), finetune.Paths(Path("/b"), WORK, 1, "cpu"))
+finetune.training_job(finetune_parameters(processes=2), finetune.Paths(Path("/b"), WORK, "cpu"))
 optimize.olive_workflow(optimize_parameters(), optimize.Paths(Path("/b"), Path("/a"), 2, WORK, "cpu"))
 print(sorted({name.split(".")[0] for name in sys.modules} & {"torch", "transformers", "olive"}))
 """

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import torch
 from click.testing import CliRunner
 
@@ -123,3 +126,15 @@ def test_a_model_that_does_not_load_is_named_before_any_compute(tmp_path):
     assert result.exit_code == 2
     assert "cannot load model" in result.output and "--model tiny" in result.output
     assert not (tmp_path / "quantize").exists()
+
+
+def test_chat_rows_on_a_model_without_a_chat_template_stop_before_any_compute(tiny_run, tmp_path):
+    model = tmp_path / "no-chat-template"
+    shutil.copytree(tiny_run / "tiny-model", model)
+    (model / "chat_template.jinja").unlink()
+    chats = tmp_path / "chats.jsonl"
+    row = {"messages": [{"role": "user", "content": "Where to?"}, {"role": "assistant", "content": "Rome."}]}
+    chats.write_text((json.dumps(row) + "\n") * 2)
+    result = invoke(tmp_path / "home", "--model", str(model), "--calibration-data", str(chats))
+    assert result.exit_code == 2 and "no chat template" in result.output
+    assert not (tmp_path / "home" / "quantize").exists()
