@@ -42,8 +42,10 @@ def architecture_of(model: str) -> str | None:
     return name
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, family: families.Family) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with the family's special tokens and chat template."""
+def train_tokenizer(
+    texts: list[str], vocab_size: int, family: families.Family = families.BY_NAME[families.DEFAULT]
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with the family's special tokens and chat template (Phi-3's by default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

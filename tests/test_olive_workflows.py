@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from contract import volume
-from stages import common, finetune, optimize, quantize
+from stages import common, data, finetune, optimize, quantize, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = Path("/volume/cache/tmp/stage-1")
@@ -177,6 +177,10 @@ def upstream_home(tmp_path):
     def dequantized(out):
         (out / "dequantized").mkdir()
         (out / "dequantized" / "config.json").write_text(json.dumps({"model_type": "phi3", "num_hidden_layers": 3}))
+        # finetune tokenizes the rows itself (answer-only labels, packing): it needs the base's tokenizer.
+        rows = data.load_dataset(data.DEFAULT_DATA).rows[:20]
+        texts = [row["prompt"] + "\n" + row["response"] for row in rows]
+        tiny_model.train_tokenizer(texts, 300).save_pretrained(out / "dequantized")
 
     volume.run_stage("quantize", tmp_path, {}, {"group_size": 32}, dequantized)
     volume.run_stage("finetune", tmp_path, {}, {}, lambda out: (out / "adapter").mkdir())
