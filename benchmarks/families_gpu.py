@@ -112,9 +112,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="Folder for one volume per family.")
     parser.add_argument("--results", type=Path, required=True, help="The Markdown table to write.")
     args = parser.parse_args()
-    rows = [run_family(families.BY_NAME[name], args.work) for name in args.family or families.NAMES]
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(table(rows))
+    rows = []
+    for name in args.family or families.NAMES:
+        rows.append(run_family(families.BY_NAME[name], args.work))
+        args.results.write_text(table(rows))  # after each family: a run cut short keeps what it finished
     print(table(rows))
     sys.exit(0 if all(row["result"] == "passed" for row in rows) else 1)
 

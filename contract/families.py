@@ -98,7 +98,7 @@ class Family:
     # does only up to there, so optimize caps genai_config.json's context_length at it.
     context_limit: str | None = None
     limits: tuple[str, ...] = ()
-    # What the AWQ run on a GPU found (benchmarks/families_gpu.py): the README's GPU column.
+    # What the AWQ run on a GPU found (benchmarks/families_gpu.py, benchmarks/results/families_gpu.md).
     gpu: str = "pending"
 
     def matches(self, config: Mapping[str, Any]) -> bool:
@@ -135,6 +135,7 @@ PHI3_CHAT_TEMPLATE = (
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="phi3",
+        gpu="passed (one H200)",
         title="Phi-3, Phi-3.5",
         example="microsoft/Phi-3.5-mini-instruct",
         model_type="phi3",
@@ -164,6 +165,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="phi4-mini",
+        gpu="passed (one H200)",
         title="Phi-4-mini",
         example="microsoft/Phi-4-mini-instruct",
         model_type="phi3",
@@ -204,6 +206,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="llama",
+        gpu="passed (one H200)",
         title="Llama 3",
         example="meta-llama/Llama-3.2-1B-Instruct",
         model_type="llama",
@@ -260,6 +263,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="mistral",
+        gpu="passed (one H200)",
         title="Mistral",
         example="mistralai/Mistral-7B-Instruct-v0.3",
         model_type="mistral",
@@ -301,6 +305,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="qwen2",
+        gpu="passed (one H200)",
         title="Qwen2.5, Qwen2",
         example="Qwen/Qwen2.5-0.5B-Instruct",
         model_type="qwen2",
@@ -340,6 +345,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="gemma2",
+        gpu="passed (one H200)",
         title="Gemma 2",
         example="google/gemma-2-2b-it",
         model_type="gemma2",
