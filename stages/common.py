@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -116,10 +117,29 @@ def olive_workflow(
     }
 
 
+# olive-ai 0.13.0 logs a telemetry heartbeat before it reads OLIVE_DISABLE_TELEMETRY, and at exit its exporter
+# retries sending it for about 11 s wherever there is no network: every stage process paid that after its work.
+OLIVE_HEARTBEAT_FIXED_IN = "0.13.0"
+
+
+def skip_olive_heartbeat_when_disabled() -> bool:
+    """With OLIVE_DISABLE_TELEMETRY=1 (the stages' default), Olive 0.13.0 sends nothing at all: not even the
+    heartbeat it queues before reading that variable. Other versions are left as they are."""
+    from importlib import metadata
+
+    if os.environ.get("OLIVE_DISABLE_TELEMETRY") != "1" or metadata.version("olive-ai") != OLIVE_HEARTBEAT_FIXED_IN:
+        return False
+    from olive.telemetry.telemetry import Telemetry
+
+    Telemetry._log_heartbeat = lambda self, metadata=None: None
+    return True
+
+
 def run_olive_workflow(workflow: dict[str, Any]) -> Path:
     """Run an Olive workflow config on this machine and return the folder of its output model."""
     from olive.workflows import run
 
+    skip_olive_heartbeat_when_disabled()
     for handler in logging.getLogger("olive").handlers:  # Olive prints INFO to stdout; the stage log has it all
         if type(handler) is logging.StreamHandler:
             handler.setLevel(logging.INFO if _console["verbose"] else logging.WARNING)

@@ -134,7 +134,7 @@ def olive_workflow(parameters: dict, paths: Paths, process: int = 0) -> dict:
         # The file holds input_ids, attention_mask and labels already (the module docstring says why).
         "pre_process_data_config": {"type": "skip_pre_process"},
     }
-    model = {"model_path": str(paths.base), "load_kwargs": {"attn_implementation": "eager"}}
+    model = {"model_path": str(paths.base), "load_kwargs": {"attn_implementation": "sdpa"}}
     return common.olive_workflow(model, {"lora": lora}, paths.process_dir(process), paths.device, [train_data])
 
 

@@ -265,3 +265,20 @@ def test_a_run_runs_the_workflow_its_dry_run_shows(stage, upstream_home, monkeyp
     # The scratch folder's random part is drawn when the run starts.
     scratch_name = re.compile(rf"({stage.command.name}-)[a-z0-9_]{{8}}")
     assert json.loads(scratch_name.sub(r"\1XXXXXXXX", json.dumps(ran[0]))) == shown["olive_workflow"]
+
+
+def test_with_telemetry_disabled_olive_queues_no_heartbeat(monkeypatch):
+    """Olive 0.13.0 queued a heartbeat before reading OLIVE_DISABLE_TELEMETRY, and each stage process then waited
+    about 11 s at exit for its exporter to give up on the network."""
+    from olive.telemetry import telemetry
+
+    sent = []
+    monkeypatch.setenv("OLIVE_DISABLE_TELEMETRY", "1")
+    monkeypatch.setattr(telemetry, "get_encrypted_device_id_and_status", lambda: sent.append("heartbeat"))
+    monkeypatch.setattr(telemetry.Telemetry, "_log_heartbeat", telemetry.Telemetry._log_heartbeat)
+    monkeypatch.setattr(telemetry.Telemetry, "_instance", None)
+    assert common.skip_olive_heartbeat_when_disabled()
+    telemetry.Telemetry()
+    assert sent == []
+    monkeypatch.setenv("OLIVE_DISABLE_TELEMETRY", "0")
+    assert not common.skip_olive_heartbeat_when_disabled()
