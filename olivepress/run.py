@@ -115,7 +115,11 @@ def _error_lines(console_log: Path, count: int = 8) -> str:
     help="Base model: hub id, folder, 'tiny' (the default: the embedded random-weight Phi-3) or 'tiny:NAME' (the "
     'tiny model of another family: README, "Models").',
 )
-@click.option("--algorithm", type=click.Choice(["awq", "gptq", "rtn"]), help="Quantizer [default: gptq].")
+@click.option(
+    "--algorithm",
+    type=click.Choice(["auto", "awq", "gptq", "rtn"]),
+    help="Quantizer [default: auto: awq on a GPU, gptq on a CPU].",
+)
 @click.option(
     "--data-files", type=click.Path(exists=True), help="JSONL file, or folder of them, to calibrate and train on."
 )

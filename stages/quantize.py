@@ -10,6 +10,7 @@ and RTN alike.  Knowing how each format packs its weights stays in this module.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
@@ -61,6 +62,14 @@ def tiny_model_to_build(model: str, root: Path) -> tuple[Path, str] | None:
         return None
     folder = volume.tiny_model_dir(root, architecture)
     return None if (folder / "config.json").is_file() else (folder, architecture)
+
+
+def default_algorithm(device: str) -> str:
+    """The quantizer a run gets by default: AWQ on a GPU (the best after LoRA on a pretrained model, and as int4
+    ONNX; benchmarks/results/quality_real.md), GPTQ where AWQ cannot run (a CPU, or no AutoAWQ installed)."""
+    if device == "gpu" and importlib.util.find_spec("awq") is not None:
+        return "awq"
+    return "gptq"
 
 
 def model_config(model: str, trust_remote_code: bool) -> dict:
@@ -222,9 +231,10 @@ def _dequantize_awq(quantized: Path, out: Path, dtype: str) -> None:
 )
 @click.option(
     "--algorithm",
-    type=click.Choice(sorted(ALGORITHMS)),
-    default="gptq",
-    help="awq is the lab's (needs a CUDA GPU); gptq and rtn also run on a CPU.",
+    type=click.Choice(["auto", *sorted(ALGORITHMS)]),
+    default="auto",
+    help="auto: awq on a CUDA GPU (where AutoAWQ is installed), gptq on a CPU: what held-out quality on a "
+    "pretrained model chose (README). awq is the lab's (needs a CUDA GPU); gptq and rtn also run on a CPU.",
 )
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", help="Weight bits.")
 @click.option("--group-size", default=128, help="Weights sharing one scale and zero point.")
@@ -268,10 +278,12 @@ def command(
 
     \b
     Examples:
-      olivepress quantize                         # the tiny default, GPTQ on CPU
+      olivepress quantize                         # the tiny default: GPTQ on a CPU, AWQ on a GPU
       olivepress quantize --model microsoft/Phi-3.5-mini-instruct --algorithm awq
       olivepress quantize --dry-run               # the Olive workflow it would run, as JSON
     """
+    device = common.local_device()
+    algorithm = default_algorithm(device) if algorithm == "auto" else algorithm
     _, needs_gpu, calibrates = ALGORITHMS[algorithm]
     if group_size == 0 or group_size < -1:
         raise BadInput(
@@ -279,7 +291,6 @@ def command(
         )
     if group_size == -1 and algorithm == "awq":
         raise BadInput("--algorithm awq packs groups only (AutoAWQ 0.2.9): use --group-size 128, or gptq / rtn per row")
-    device = common.local_device()
     if needs_gpu and device != "gpu":
         cpu_ones = ", ".join(a for a, (_, gpu, _) in sorted(ALGORITHMS.items()) if not gpu)
         raise BadInput(
