@@ -98,6 +98,8 @@ class Family:
     # does only up to there, so optimize caps genai_config.json's context_length at it.
     context_limit: str | None = None
     limits: tuple[str, ...] = ()
+    # The attention finetune trains with: PyTorch's fused kernel unless the family computes something it cannot.
+    training_attention: str = "sdpa"
     # What the AWQ run on a GPU found (benchmarks/families_gpu.py, benchmarks/results/families_gpu.md).
     gpu: str = "pending"
 
@@ -382,6 +384,8 @@ FAMILIES: tuple[Family, ...] = (
                 "tie_word_embeddings": True,
             }
         ),
+        # Attention logit soft-capping, which scaled_dot_product_attention cannot compute (transformers refuses it).
+        training_attention="eager",
         context_limit="sliding_window",
         limits=(
             "no system role: the chat template refuses a system message (serve answers 400)",

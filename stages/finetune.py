@@ -134,7 +134,7 @@ def olive_workflow(parameters: dict, paths: Paths, process: int = 0) -> dict:
         # The file holds input_ids, attention_mask and labels already (the module docstring says why).
         "pre_process_data_config": {"type": "skip_pre_process"},
     }
-    model = {"model_path": str(paths.base), "load_kwargs": {"attn_implementation": "sdpa"}}
+    model = {"model_path": str(paths.base), "load_kwargs": {"attn_implementation": parameters["attention"]}}
     return common.olive_workflow(model, {"lora": lora}, paths.process_dir(process), paths.device, [train_data])
 
 
@@ -291,6 +291,7 @@ def command(
         "max_seq_len": max_seq_len,
         "train_on_inputs": train_on_inputs,
         "target_modules": [m for m in target_modules.split(",") if m] or list(family.lora_targets),
+        "attention": family.training_attention,
         "heldout_fraction": heldout_fraction,
         "seed": seed,
         "torch_dtype": dtype,

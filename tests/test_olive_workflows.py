@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from contract import volume
+from contract import families, volume
 from stages import common, data, finetune, optimize, quantize, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,6 +35,7 @@ def finetune_parameters(**changes):
         "batch_size": 4,
         "max_seq_len": 512,
         "target_modules": [],
+        "attention": "sdpa",
         "seed": 0,
         "torch_dtype": "float32",
         "processes": 1,
@@ -104,7 +105,16 @@ def test_finetune_trains_lora_on_the_train_file_with_the_parameters():
     assert train_data["load_dataset_config"]["data_files"] == [str(WORK / "train.jsonl")]
     assert train_data["pre_process_data_config"] == {"type": "skip_pre_process"}  # the file is tokenized already
     assert workflow["input_model"]["model_path"] == "/volume/quantize/dequantized"
+    assert workflow["input_model"]["load_kwargs"] == {"attn_implementation": "sdpa"}
     assert workflow["output_dir"] == str(WORK / "rank0" / "output")
+
+
+def test_finetune_trains_with_the_attention_its_family_declares():
+    paths = finetune.Paths(Path("/volume/quantize/dequantized"), WORK, "cpu")
+    workflow = finetune.olive_workflow(finetune_parameters(attention="eager"), paths)
+    assert workflow["input_model"]["load_kwargs"] == {"attn_implementation": "eager"}
+    assert families.BY_NAME["gemma2"].training_attention == "eager"  # soft-capping: transformers refuses sdpa
+    assert families.BY_NAME["phi3"].training_attention == "sdpa"
 
 
 def test_each_training_process_gets_its_own_folder_and_on_gpus_its_own_device():
