@@ -3,7 +3,7 @@
 onnxruntime-genai 0.14.1 on the CPU can decode several sequences in one generator (a static batch: one adapter
 and one sampling setting per generator, rows admitted only when it starts). Its ``og.Engine``/``og.Request`` API
 batches too, but in that version on the CPU it only forms static batches of at most four, admits no request until
-the whole batch has finished, and sets no adapter (see docs/containers.md); continuous batching there needs its
+the whole batch has finished, and sets no adapter (README, "Serve on a laptop"); continuous batching there needs its
 paged key-value cache, which runs on CUDA only. So the scheduler builds on batched generators:
 
 - requests that arrive together (within ``batch_window_s`` of an idle loop, or while a step runs) with the same
