@@ -164,8 +164,7 @@ def make_app(service: Service) -> Starlette:
             generation = await asyncio.to_thread(service.prepare, body)
             service.acquire()
         except ApiError as error:
-            model = body.get("model") if isinstance(body, dict) else None
-            service.metrics.requests.inc(model if model in service.model_names else "unknown", str(error.status))
+            service.metrics.requests.inc(service.label(body), str(error.status))
             return error_response(error)
         answer = Answer(service, generation, arrived)
         items = answer.items()

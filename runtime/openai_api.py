@@ -440,6 +440,13 @@ class Service:
         served_model(name, self.model_names)
         return model_object(name, self.created)
 
+    def label(self, body: Any) -> str:  # noqa: ANN401 (any JSON value)
+        """The model a request body names, as the metrics label it: a served name, or "unknown"."""
+        try:
+            return served_model(body.get("model"), self.model_names) if isinstance(body, dict) else "unknown"
+        except ApiError:
+            return "unknown"
+
     def health(self) -> dict[str, Any]:
         return {
             "status": "draining" if self.draining else "ok",
