@@ -571,7 +571,7 @@ def server_rows(default: Path, gguf: dict[str, Path], binary: Path, threads: int
     from runtime.engine import Engine
 
     engine = Engine(default)
-    ids = [engine.prompt_tokens(p) for p in USER_PROMPTS]
+    ids = [[int(t) for t in engine.prompt_tokens(p)] for p in USER_PROMPTS]
     del engine
 
     def olivepress(port: int) -> list[str]:
