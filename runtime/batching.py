@@ -6,8 +6,9 @@ batches too, but in that version on the CPU it only forms static batches of at m
 the whole batch has finished, and sets no adapter (README, "Serve on a laptop"); continuous batching there needs its
 paged key-value cache, which runs on CUDA only. So the scheduler builds on batched generators:
 
-- requests that arrive together (within ``batch_window_s`` of an idle loop, or while a step runs) with the same
-  adapter and sampling are decoded as one ``Batch``: one weight pass per token for all of them;
+- requests that arrive together with the same adapter and sampling are decoded as one ``Batch``: one weight pass
+  per token for all of them. "Together": while a step runs, or, on an idle loop, while requests that arrived
+  with the first are still being read and tokenized (``announce``d, up to ``batch_window_s``);
 - batches of different adapters, and requests that arrive while others are generating, run as their own batches,
   interleaved step by step in this one thread, so a newcomer starts at the next step instead of waiting for the
   others to finish, and the cores are never split between competing loops;
@@ -99,6 +100,7 @@ class Scheduler:
         self.batch_window_s = batch_window_s
         self.metrics = metrics
         self.pending: deque[Job] = deque()
+        self.announced = 0  # requests on their way to submit (being read and tokenized)
         self.running: list[Running] = []
         self.condition = threading.Condition()
         self.stopping = False
@@ -110,8 +112,21 @@ class Scheduler:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, job: Job) -> None:
+    def announce(self) -> None:
+        """A request has arrived and will be submitted (or withdrawn) soon: an idle loop waits for it, briefly, to
+        batch it with the others."""
         with self.condition:
+            self.announced += 1
+
+    def withdraw(self) -> None:
+        """An announced request will not be submitted (refused, or its client left)."""
+        with self.condition:
+            self.announced -= 1
+            self.condition.notify()
+
+    def submit(self, job: Job, announced: bool = False) -> None:
+        with self.condition:
+            self.announced -= announced
             if self.stopping:
                 self._end(job, End("shutdown", "the server is shutting down"))
                 return
@@ -143,10 +158,12 @@ class Scheduler:
             with self.condition:
                 while not self.pending and not self.running and not self.stopping:
                     self.condition.wait()
-                if self.pending and not self.running and self.batch_window_s and not self.stopping:
-                    # An idle loop's first arrival: give requests sent together a moment to arrive together.
+                if self.pending and not self.running and not self.stopping:
+                    # An idle loop's first arrival: the requests that arrived with it join its batch.
                     until = time.monotonic() + self.batch_window_s
-                    while (left := until - time.monotonic()) > 0 and len(self.pending) < self.max_batch:
+                    while self.announced > 0 and len(self.pending) < self.max_batch:
+                        if (left := until - time.monotonic()) <= 0:
+                            break
                         self.condition.wait(left)
                 arrivals = list(self.pending)
                 self.pending.clear()

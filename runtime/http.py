@@ -83,7 +83,7 @@ class Answer:
     """One accepted request's generation seen from the event loop: its tokens arrive on a queue from the
     scheduler's thread; ``close`` (exactly once, however the answer ends) cancels what is left and frees its place."""
 
-    def __init__(self, service: Service, generation: Generation, arrived: float) -> None:
+    def __init__(self, service: Service, generation: Generation, arrived: float, announced: bool) -> None:
         self.service, self.generation, self.arrived = service, generation, arrived
         self.request = generation.request
         self.queue: asyncio.Queue[Item] = asyncio.Queue()
@@ -96,7 +96,7 @@ class Answer:
                 pass
 
         self.text = AnswerText(service.engine.eos_token_ids, self.request.stop, generation.usage)
-        self.job: Job = service.submit(generation, deliver, arrived)
+        self.job: Job = service.submit(generation, deliver, arrived, announced)
         self.closed = False
         self.sent_all = False  # a stream's last event is written
         self.disconnected = False
@@ -159,14 +159,18 @@ def make_app(service: Service) -> Starlette:
 
     async def chat_completions(request: Request) -> Response:
         arrived, body = time.monotonic(), None
+        service.scheduler.announce()  # an idle scheduler waits for requests sent together, to batch them
         try:
             body = await read_json(request, timeout_s)
             generation = await asyncio.to_thread(service.prepare, body)
             service.acquire()
-        except ApiError as error:
+        except BaseException as error:
+            service.scheduler.withdraw()
+            if not isinstance(error, ApiError):
+                raise
             service.metrics.requests.inc(service.label(body), str(error.status))
             return error_response(error)
-        answer = Answer(service, generation, arrived)
+        answer = Answer(service, generation, arrived, announced=True)
         items = answer.items()
         try:
             first = await anext(items)  # before any header: an answer that cannot start gets its own status

@@ -415,7 +415,7 @@ class Service:
         max_concurrent: int = 1,
         default_max_tokens: int = 512,
         request_timeout_s: float = 600.0,
-        batch_window_s: float = 0.01,
+        batch_window_s: float = 0.05,
         step_delay_s: float = 0.0,
     ) -> None:
         self.engine = engine
@@ -476,9 +476,11 @@ class Service:
         with self._lock:
             self.active -= 1
 
-    def submit(self, generation: Generation, deliver: Callable[[Item], object], arrived: float) -> Job:
-        """Start generating ``generation`` (its place taken with ``acquire``); its tokens and end go to
-        ``deliver``, from the scheduler's thread."""
+    def submit(
+        self, generation: Generation, deliver: Callable[[Item], object], arrived: float, announced: bool = False
+    ) -> Job:
+        """Start generating ``generation`` (its place taken with ``acquire``, and ``announced`` to the scheduler
+        when it arrived); its tokens and end go to ``deliver``, from the scheduler's thread."""
         request = generation.request
         self.metrics.prompt_tokens.inc(request.adapter, amount=generation.usage.prompt_tokens)
         job = Job(
@@ -490,7 +492,7 @@ class Service:
             deadline=arrived + self.request_timeout_s,
             arrived=arrived,
         )
-        self.scheduler.submit(job)
+        self.scheduler.submit(job, announced)
         return job
 
     def begin_shutdown(self, grace_s: float) -> None:

@@ -63,10 +63,11 @@ ENVVAR_PREFIX = "OLIVEPRESS_SERVE"
 )
 @click.option(
     "--batch-window-ms",
-    default=10.0,
+    default=50.0,
     type=click.FloatRange(min=0, max=1000),
     show_envvar=True,
-    help="An idle server waits this long after a request for others sent with it, to decode them as one batch.",
+    help="At most this long, an idle server waits for requests that arrived with the first and are still being "
+    "read, to decode them as one batch (a request alone does not wait).",
 )
 @click.option("--token-delay-ms", default=0.0, type=click.FloatRange(min=0), hidden=True)
 @threads_option
