@@ -18,7 +18,7 @@ from typing import Protocol
 import click
 
 from contract import volume
-from runtime.engine import Engine, UnknownAdapter, resolve, threads_option
+from runtime.engine import Engine, Sampling, UnknownAdapter, resolve, threads_option
 
 ENVVAR_PREFIX = "OLIVEPRESS_CHAT"
 HELP = "commands: /model NAME (switch adapter), /models, /reset (forget the conversation), /quit (or Ctrl-D)"
@@ -49,7 +49,7 @@ class LocalBackend:
             ids = self.engine.chat_tokens(messages)
         max_tokens = max(1, min(max_tokens, self.engine.context_length - len(ids)))
         eos = self.engine.eos_token_ids
-        for token, piece in self.engine.stream(ids, model, max_tokens, temperature=temperature, top_p=0.95):
+        for token, piece in self.engine.stream(ids, model, max_tokens, Sampling(temperature, top_p=0.95)):
             if token in eos:
                 break
             yield piece

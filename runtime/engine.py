@@ -1,7 +1,9 @@
 """One optimized model folder loaded in onnxruntime-genai, its LoRA adapters switched by name.
 
-The one generation loop (``Engine.stream``) that infer, serve and chat share; the one place a user's name for an
-adapter is resolved (``resolve``): an adapter's name, or ``model_folder.BASE`` for any of ``BASE_ALIASES``.
+``Batch`` is the one generation loop: up to N prompts decoded together by one onnxruntime-genai generator (one
+adapter, one sampling setting), token by token; ``Engine.stream`` runs a batch of one (infer and chat) and the
+server's scheduler (``runtime.batching``) runs several. ``resolve`` is the one place a user's name for an adapter
+is resolved: an adapter's name, or ``model_folder.BASE`` for any of ``BASE_ALIASES``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import numpy as np
 
 from contract import model_folder
 from contract.exits import BadInput
@@ -27,6 +30,19 @@ class Answer:
     new_tokens: int
     time_to_first_token_ms: float
     decode_tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy at temperature 0, else sampled with ``top_p`` (seeded if ``seed``)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
 
 
 class UnknownAdapter(BadInput):
@@ -135,44 +151,40 @@ class Engine:
         eos = self.config["model"].get("eos_token_id", [])
         return set(eos if isinstance(eos, list) else [eos])
 
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.config["model"].get("pad_token_id", 0))
+
     def new_generator(  # noqa: ANN201 (an onnxruntime_genai.Generator)
-        self, adapter: str, max_length: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None
+        self, adapter: str, max_length: int, sampling: Sampling = Sampling(), batch_size: int = 1
     ):
-        """A generator with ``adapter`` active (or none for BASE): greedy at temperature 0, else sampled."""
+        """A generator for ``batch_size`` sequences with ``adapter`` active (or none for BASE)."""
         adapter = self.resolve(adapter)
         params = self.og.GeneratorParams(self.model)
-        if temperature > 0:
-            options = {"max_length": max_length, "do_sample": True, "temperature": temperature, "top_p": top_p}
-            if seed is not None:
-                options["random_seed"] = seed
-            params.set_search_options(**options)
+        options: dict = {"max_length": max_length, "batch_size": batch_size}
+        if sampling.greedy:
+            options["do_sample"] = False
         else:
-            params.set_search_options(max_length=max_length, do_sample=False)
+            options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            if sampling.seed is not None:
+                options["random_seed"] = sampling.seed
+        params.set_search_options(**options)
         generator = self.og.Generator(self.model, params)
         if adapter != BASE and self.has_base:
             generator.set_active_adapter(self.adapters, adapter)
         return generator
 
     def stream(
-        self,
-        ids: list[int],
-        adapter: str,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
+        self, ids: list[int], adapter: str, max_new_tokens: int, sampling: Sampling = Sampling()
     ) -> Generator[tuple[int, str], None, None]:
-        """Yield (token id, text piece) for each new token; the one generation loop infer, serve and chat share.
+        """Yield (token id, text piece) for each new token of one prompt, up to and with an end-of-sequence token.
 
         Nothing is computed until the first item is asked for, and closing the iterator stops generation.
         """
-        generator = self.new_generator(adapter, len(ids) + max_new_tokens, temperature, top_p, seed)
-        decoder = self.tokenizer.create_stream()
-        generator.append_tokens(ids)
-        while not generator.is_done():
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            yield token, decoder.decode(token)
+        batch = Batch(self, [ids], adapter, [max_new_tokens], sampling)
+        while batch.open_rows:
+            for _, token, piece in batch.step():
+                yield token, piece
 
     def generate(
         self, prompt: str, adapter: str, max_new_tokens: int, echo: Callable[[str], object] | None = None
@@ -198,3 +210,60 @@ class Engine:
             time_to_first_token_ms=round(((first or end) - start) * 1000, 1),
             decode_tokens_per_s=round((n - 1) / (end - first), 1) if n > 1 and first else 0.0,
         )
+
+
+class Batch:
+    """Prompts decoded together by one onnxruntime-genai generator: one adapter, one sampling setting.
+
+    Rows are right-padded with the pad token to the longest prompt (onnxruntime-genai masks trailing pad tokens and
+    positions each row from its own start); each row ends at its own end-of-sequence token or token budget, or when
+    closed (a client gone, a stop string), and its tokens are no longer reported; the generator computes every row
+    until all are done, so a batch is cheapest when its rows are alike. The prefill (the prompts' forward pass)
+    runs in the constructor.
+    """
+
+    def __init__(
+        self, engine: Engine, prompts: list[list[int]], adapter: str, budgets: list[int], sampling: Sampling
+    ) -> None:
+        self.engine = engine
+        self.budgets = budgets
+        self.counts = [0] * len(prompts)
+        self.open = [True] * len(prompts)
+        self.eos = engine.eos_token_ids
+        longest = max(len(ids) for ids in prompts)
+        self.generator = engine.new_generator(adapter, longest + max(budgets), sampling, batch_size=len(prompts))
+        self.decoders = [engine.tokenizer.create_stream() for _ in prompts]
+        if len(prompts) == 1:
+            self.generator.append_tokens(np.asarray(prompts[0], dtype=np.int32))
+        else:
+            padded = np.full((len(prompts), longest), engine.pad_token_id, dtype=np.int32)
+            for row, ids in enumerate(prompts):
+                padded[row, : len(ids)] = ids
+            self.generator.append_tokens(padded)
+
+    @property
+    def open_rows(self) -> list[int]:
+        return [row for row, is_open in enumerate(self.open) if is_open]
+
+    def close(self, row: int) -> None:
+        """Stop reporting ``row``; once every row is closed, the generator and its key-value cache are freed."""
+        self.open[row] = False
+        if not any(self.open):
+            self.generator = None
+
+    def step(self) -> list[tuple[int, int, str]]:
+        """One new token for every row: (row, token id, text piece) for the rows still open, which close at their
+        end-of-sequence token or budget."""
+        self.generator.generate_next_token()
+        tokens = self.generator.get_next_tokens()
+        out = []
+        for row in self.open_rows:
+            token = int(tokens[row])
+            self.counts[row] += 1
+            out.append((row, token, self.decoders[row].decode(token)))
+            if token in self.eos or self.counts[row] >= self.budgets[row]:
+                self.close(row)
+        if self.generator is not None and self.generator.is_done():
+            for row in self.open_rows:
+                self.close(row)
+        return out

@@ -1,9 +1,9 @@
 """OpenAI's chat-completions API over an Engine, as plain functions and small classes: no sockets here.
 
 A request body becomes a ``ChatRequest``, or an ``ApiError`` (OpenAI's error object, ``param`` naming the field);
-``pieces`` turns the engine's tokens into (text, finish_reason) pairs with stop strings cut out; ``completion``
-and ``sse_events`` are the two shapes of an answer; ``Service`` is what every request shares: the model and the
-bound on concurrent generations. ``runtime.http`` puts it on the network.
+``AnswerText`` turns generated tokens into text with stop strings cut out; ``completion`` and ``EventStream`` are
+the two shapes of an answer; ``Service`` is what every request shares: the model, the scheduler, the bound on
+requests at once, the metrics. ``runtime.http`` puts it on the network.
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.engine import Engine, RefusedConversation, UnknownAdapter, resolve
+from runtime.batching import End, Item, Job, Scheduler
+from runtime.engine import Engine, RefusedConversation, Sampling, UnknownAdapter, resolve
+from runtime.metrics import ServerMetrics
 
 MAX_STOPS = 4
 OWNER = "olivepress"
-
-# (text, finish_reason) pairs, as ``pieces`` yields them.
-Pieces = Generator[tuple[str, str | None], None, None]
-Tokens = Generator[tuple[int, str], None, None]
 
 
 class ApiError(Exception):
@@ -47,7 +45,52 @@ def served_model(model: Any, models: Sequence[str]) -> str:  # noqa: ANN401 (any
         raise ApiError(400, error.message, param="model") from None
 
 
-def _text_of(content: Any) -> str:  # noqa: ANN401 (any JSON value)
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# OpenAI's seed is a 64-bit integer; onnxruntime-genai seeds its sampler with a 32-bit one (-1: random).
+SEED_RANGE = (-(2**63), 2**63 - 1)
+OG_SEEDS = 2**31 - 1
+MAX_TOKENS_LIMIT = 2**31 - 1
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def _is_int(value: Any) -> bool:  # noqa: ANN401 (any JSON value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:  # noqa: ANN401 (any JSON value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(body: dict, name: str, low: float, high: float, default: float) -> float:
+    """A number field from ``low`` to ``high`` (NaN and infinities, which Python's JSON reader accepts, are out)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_number(value) or not (low <= value <= high):  # NaN fails every comparison
+        raise _bad(name, f"{name} must be a number from {low:g} to {high:g}")
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value) or not (low <= value <= high):
+        raise _bad(name, f"{name} must be an integer from {low} to {high}")
+    return value
+
+
+def _boolean(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise _bad(name, f"{name} must be true or false")
+    return bool(value)
+
+
+def _text_of(content: Any, param: str) -> str:  # noqa: ANN401 (any JSON value)
     """A message's content: a string, or OpenAI's list of parts (only text parts are understood)."""
     if isinstance(content, str):
         return content
@@ -55,16 +98,70 @@ def _text_of(content: Any) -> str:  # noqa: ANN401 (any JSON value)
         texts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ApiError(400, "only text content parts are supported", param="messages")
+                raise _bad(param, "only text content parts are supported")
             texts.append(part["text"])
         return "".join(texts)
     if content is None:
         return ""
-    raise ApiError(400, "message content must be a string or a list of text parts", param="messages")
+    raise _bad(param, "message content must be a string or a list of text parts")
 
 
-def _is_int(value: Any) -> bool:  # noqa: ANN401 (any JSON value)
-    return isinstance(value, int) and not isinstance(value, bool)
+def _messages(value: Any) -> list[dict[str, str]]:  # noqa: ANN401 (any JSON value)
+    if not isinstance(value, list) or not value:
+        raise _bad("messages", "messages must be a non-empty list")
+    chat = []
+    for i, message in enumerate(value):
+        param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad(param, "each message must be an object with a role and content")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _bad(f"{param}.role", f"role must be one of {', '.join(ROLES)}")
+        if message.get("name") is not None and not isinstance(message["name"], str):
+            raise _bad(f"{param}.name", "name must be a string")
+        chat.append({"role": role, "content": _text_of(message.get("content"), f"{param}.content")})
+    return chat
+
+
+def _stops(value: Any) -> tuple[str, ...]:  # noqa: ANN401 (any JSON value)
+    stops = [value] if isinstance(value, str) else ([] if value is None else value)
+    if not (isinstance(stops, list) and all(isinstance(s, str) for s in stops) and len(stops) <= MAX_STOPS):
+        raise _bad("stop", f"stop must be a string or a list of up to {MAX_STOPS} strings")
+    return tuple(stops)
+
+
+def _unsupported(body: dict) -> None:
+    """Fields of OpenAI's API that this server does not implement: checked, and refused unless they ask for the
+    default behaviour."""
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _number(body, name, -2.0, 2.0, 0.0):
+            raise _bad(name, f"{name} is not supported by this server; leave it out or set it to 0")
+    n = _integer(body, "n", 1, 128)
+    if n not in (None, 1):
+        raise _bad("n", "only n=1 is supported")
+    if _boolean(body, "logprobs"):
+        raise _bad("logprobs", "logprobs are not supported by this server")
+    if _integer(body, "top_logprobs", 0, 20):
+        raise _bad("top_logprobs", "logprobs are not supported by this server")
+    bias = body.get("logit_bias")
+    if bias is not None and not isinstance(bias, dict):
+        raise _bad("logit_bias", "logit_bias must be an object")
+    if bias:
+        raise _bad("logit_bias", "logit_bias is not supported by this server")
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise _bad("tools", "tools must be a list")
+    if tools or body.get("functions"):
+        raise _bad("tools" if tools else "functions", "tool calling is not supported by this server")
+    choice = body.get("tool_choice")
+    if choice not in (None, "none", "auto"):
+        raise _bad("tool_choice", "tool calling is not supported by this server")
+    _boolean(body, "parallel_tool_calls")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise _bad("response_format", 'only response_format {"type": "text"} is supported')
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise _bad("user", "user must be a string")
 
 
 @dataclass(frozen=True)
@@ -77,60 +174,49 @@ class ChatRequest:
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # onnxruntime-genai's: from 0 to OG_SEEDS - 1
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
 
 
 def parse_chat_request(body: Any, models: Sequence[str], default_max_tokens: int) -> ChatRequest:  # noqa: ANN401
-    """Check a chat-completion request body (parsed JSON) against the served ``models``, or raise a 400."""
+    """Check a chat-completion request body (parsed JSON) against the served ``models``, or raise a 400 whose
+    ``param`` names the field. Fields this server does not know are ignored, as OpenAI-compatible servers do."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    adapter = served_model(body.get("model"), models)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", param="messages")
-    chat = []
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(400, "each message needs a role and content", param="messages")
-        chat.append({"role": m["role"], "content": _text_of(m.get("content"))})
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = default_max_tokens
-    if not _is_int(max_tokens) or max_tokens < 1:
-        raise ApiError(400, "max_tokens must be a positive integer", param="max_tokens")
-    temperature = body.get("temperature", 0.0)
-    top_p = body.get("top_p", 1.0)
-    for name, value, high in (("temperature", temperature, 2.0), ("top_p", top_p, 1.0)):
-        if value is None:
-            continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 <= value <= high):
-            raise ApiError(400, f"{name} must be a number from 0 to {high}", param=name)
-    if body.get("n", 1) not in (1, None):
-        raise ApiError(400, "only n=1 is supported", param="n")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOPS):
-        raise ApiError(400, f"stop must be a string or a list of up to {MAX_STOPS} strings", param="stop")
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise ApiError(400, "seed must be an integer", param="seed")
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise ApiError(400, "stream_options must be an object", param="stream_options")
+    if not isinstance(body.get("model"), str):
+        raise _bad("model", "model must be a string: one of " + ", ".join(models))
+    adapter = served_model(body["model"], models)
+    messages = _messages(body.get("messages"))
+    max_tokens = None
+    for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins when both are set
+        max_tokens = _integer(body, name, 1, MAX_TOKENS_LIMIT) or max_tokens
+    temperature = _number(body, "temperature", 0.0, 2.0, 0.0)
+    top_p = _number(body, "top_p", 0.0, 1.0, 1.0)
+    seed = _integer(body, "seed", *SEED_RANGE)
+    stop = _stops(body.get("stop"))
+    stream = _boolean(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _bad("stream_options", "stream_options must be an object")
+    if options and not stream:
+        raise _bad("stream_options", "stream_options is only allowed when stream is true")
+    include_usage = (options or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise _bad("stream_options.include_usage", "stream_options.include_usage must be true or false")
+    _unsupported(body)
     return ChatRequest(
         model=body["model"],
         adapter=adapter,
-        messages=chat,
-        max_tokens=max_tokens,
-        temperature=float(temperature or 0.0),
-        top_p=float(1.0 if top_p is None else top_p),
-        seed=seed,
-        stop=tuple(stop),
-        stream=bool(body.get("stream", False)),
-        include_usage=bool(stream_options.get("include_usage", False)),
+        messages=messages,
+        max_tokens=max_tokens or default_max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=None if seed is None else seed % OG_SEEDS,
+        stop=stop,
+        stream=stream,
+        include_usage=bool(include_usage),
     )
 
 
@@ -173,7 +259,7 @@ class StopScanner:
 
 @dataclass
 class Usage:
-    """Token counts of one answer; ``pieces`` counts the completion as it generates."""
+    """Token counts of one answer; ``AnswerText`` counts the completion as it generates."""
 
     prompt_tokens: int
     completion_tokens: int = 0
@@ -183,27 +269,33 @@ class Usage:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
 
 
-def pieces(tokens: Tokens, eos_ids: set[int], stop: Sequence[str], usage: Usage) -> Pieces:
-    """(text, None) pairs as text becomes safe to send, then a last (text, finish_reason): "stop" at an end of
-    sequence token or a stop string, "length" when ``tokens`` runs out. Closing it closes ``tokens``."""
-    scanner = StopScanner(stop)
-    finish = "length"
-    try:
-        for token, piece in tokens:
-            usage.completion_tokens += 1
-            if token in eos_ids:
-                finish = "stop"
-                break
-            text = scanner.feed(piece)
-            if scanner.stopped:
-                finish = "stop"
-                yield text, None
-                break
-            if text:
-                yield text, None
-    finally:
-        tokens.close()
-    yield scanner.flush(), finish
+class AnswerText:
+    """An answer's text as its tokens come: what is safe to send now, and why it finished.
+
+    ``feed`` takes each (token id, text piece) and returns the text to send; once an end-of-sequence token or a stop
+    string has come, ``finish`` is "stop" and the rest must not be generated. ``close`` ends it early (the
+    generation ran out of budget: "length") and returns the text held back, if any.
+    """
+
+    def __init__(self, eos_ids: set[int], stops: Sequence[str], usage: Usage) -> None:
+        self.eos_ids = eos_ids
+        self.scanner = StopScanner(stops)
+        self.usage = usage
+        self.finish: str | None = None
+
+    def feed(self, token: int, piece: str) -> str:
+        self.usage.completion_tokens += 1
+        if token in self.eos_ids:
+            self.finish = "stop"
+            return self.scanner.flush()
+        text = self.scanner.feed(piece)
+        if self.scanner.stopped:
+            self.finish = "stop"
+        return text
+
+    def close(self, reason: str = "length") -> str:
+        self.finish = self.finish or reason
+        return self.scanner.flush()
 
 
 def completion_id() -> str:
@@ -222,12 +314,8 @@ def chunk(model: str, rid: str, created: int, delta: dict[str, str], finish: str
     }
 
 
-def completion(model: str, answer: Iterable[tuple[str, str | None]], usage: Usage) -> dict[str, Any]:
-    """A whole ``chat.completion``: all of ``answer`` (``pieces``' output), its finish reason and usage."""
-    parts, finish = [], "length"
-    for text, reason in answer:
-        parts.append(text)
-        finish = reason or finish
+def completion(model: str, text: str, finish: str, usage: Usage) -> dict[str, Any]:
+    """A whole ``chat.completion``: the answer's text, its finish reason and usage."""
     return {
         "id": completion_id(),
         "object": "chat.completion",
@@ -237,7 +325,7 @@ def completion(model: str, answer: Iterable[tuple[str, str | None]], usage: Usag
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": "".join(parts)},
+                "message": {"role": "assistant", "content": text},
                 "logprobs": None,
                 "finish_reason": finish,
             }
@@ -246,31 +334,43 @@ def completion(model: str, answer: Iterable[tuple[str, str | None]], usage: Usag
     }
 
 
-def sse_events(model: str, answer: Pieces, usage: Usage, include_usage: bool) -> Generator[bytes, None, None]:
-    """The server-sent events of a streamed answer, each ``data: ...\\n\\n``: the assistant's role, the text as it
-    comes, the finish reason, the usage if asked for, ``[DONE]``. Closing it closes ``answer``."""
-    rid, created = completion_id(), int(time.time())
+class EventStream:
+    """The server-sent events of one streamed answer, each ``data: ...\n\n``: ``start`` (the assistant's role),
+    ``content`` as text comes, ``finish``, ``usage`` if asked for, ``done``; or ``error`` when it cannot finish."""
 
+    def __init__(self, model: str) -> None:
+        self.model, self.id, self.created = model, completion_id(), int(time.time())
+        # Every content event is the same JSON but for the text: serialize the rest once, not once per token.
+        marker = "\u0000olivepress\u0000"
+        head, tail = json.dumps(self._chunk({"content": marker}, None)).split(json.dumps(marker))
+        self.head, self.tail = f"data: {head}", f"{tail}\n\n"
+
+    def _chunk(self, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        return chunk(self.model, self.id, self.created, delta, finish)
+
+    @staticmethod
     def event(payload: dict[str, Any] | str) -> bytes:
         data = payload if isinstance(payload, str) else json.dumps(payload)
         return f"data: {data}\n\n".encode()
 
-    # Every content event is the same JSON but for the text: serialize the rest once, not once per token.
-    marker = "\u0000olivepress\u0000"
-    head, tail = json.dumps(chunk(model, rid, created, {"content": marker}, None)).split(json.dumps(marker))
-    head, tail = f"data: {head}", f"{tail}\n\n"
-    try:
-        yield event(chunk(model, rid, created, {"role": "assistant", "content": ""}, None))
-        for text, finish in answer:
-            if text:
-                yield f"{head}{json.dumps(text)}{tail}".encode()
-            if finish:
-                yield event(chunk(model, rid, created, {}, finish))
-        if include_usage:
-            yield event({**chunk(model, rid, created, {}, None), "choices": [], "usage": usage.payload()})
-        yield event("[DONE]")
-    finally:
-        answer.close()
+    def start(self) -> bytes:
+        return self.event(self._chunk({"role": "assistant", "content": ""}, None))
+
+    def content(self, text: str) -> bytes:
+        return f"{self.head}{json.dumps(text)}{self.tail}".encode()
+
+    def finish(self, reason: str) -> bytes:
+        return self.event(self._chunk({}, reason))
+
+    def usage(self, usage: Usage) -> bytes:
+        return self.event({**self._chunk({}, None), "choices": [], "usage": usage.payload()})
+
+    def done(self) -> bytes:
+        return self.event("[DONE]")
+
+    def error(self, error: ApiError) -> bytes:
+        """OpenAI's in-stream error (its clients raise it): the answer cannot be finished."""
+        return self.event(error.body())
 
 
 def model_object(name: str, created: int) -> dict[str, Any]:
@@ -279,6 +379,20 @@ def model_object(name: str, created: int) -> dict[str, Any]:
 
 def model_list(names: Sequence[str], created: int) -> dict[str, Any]:
     return {"object": "list", "data": [model_object(n, created) for n in names]}
+
+
+# How a generation that did not finish by itself is reported: (HTTP status, error type, message).
+ENDINGS = {
+    "timeout": (504, "timeout", "the request took longer than the server's --request-timeout"),
+    "shutdown": (503, "server_error", "the server is shutting down; retry on another instance or later"),
+    "error": (500, "server_error", "generation failed"),
+    "cancelled": (499, "invalid_request_error", "the request was cancelled"),
+}
+
+
+def ending_error(end: End) -> ApiError:
+    status, kind, message = ENDINGS[end.reason]
+    return ApiError(status, end.message or message, kind=kind)
 
 
 @dataclass
@@ -291,32 +405,28 @@ class Generation:
     usage: Usage
 
 
-def _slowed(tokens: Tokens, delay_s: float) -> Tokens:
-    try:
-        for item in tokens:
-            yield item
-            time.sleep(delay_s)
-    finally:
-        tokens.close()
-
-
 class Service:
-    """The model, its adapters and the bound on concurrent generations: what every request handler shares."""
+    """What every request shares: the model, the scheduler that generates, the bound on requests at once
+    (queued or generating), the metrics, and whether the server is shutting down."""
 
     def __init__(
         self,
         engine: Engine,
         max_concurrent: int = 1,
         default_max_tokens: int = 512,
-        token_delay_s: float = 0.0,
+        request_timeout_s: float = 600.0,
+        batch_window_s: float = 0.05,
+        step_delay_s: float = 0.0,
     ) -> None:
         self.engine = engine
-        self.slots = threading.BoundedSemaphore(max_concurrent)
         self.max_concurrent = max_concurrent
         self.default_max_tokens = default_max_tokens
-        self.token_delay_s = token_delay_s  # tests and demos: a visibly slow stream
+        self.request_timeout_s = request_timeout_s
         self.created = int(time.time())
+        self.metrics = ServerMetrics(engine.names)
+        self.scheduler = Scheduler(engine, max_concurrent, batch_window_s, self.metrics, step_delay_s)
         self.active = 0
+        self.draining = False
         self._lock = threading.Lock()
 
     @property
@@ -330,9 +440,16 @@ class Service:
         served_model(name, self.model_names)
         return model_object(name, self.created)
 
+    def label(self, body: Any) -> str:  # noqa: ANN401 (any JSON value)
+        """The model a request body names, as the metrics label it: a served name, or "unknown"."""
+        try:
+            return served_model(body.get("model"), self.model_names) if isinstance(body, dict) else "unknown"
+        except ApiError:
+            return "unknown"
+
     def health(self) -> dict[str, Any]:
         return {
-            "status": "ok",
+            "status": "draining" if self.draining else "ok",
             "models": self.model_names,
             "active": self.active,
             "max_concurrent": self.max_concurrent,
@@ -349,26 +466,40 @@ class Service:
         return Generation(request, ids, max_tokens, Usage(prompt_tokens=len(ids)))
 
     def acquire(self) -> None:
-        if not self.slots.acquire(blocking=False):
-            raise ApiError(
-                429,
-                f"all {self.max_concurrent} generation slot(s) are busy; retry shortly",
-                kind="rate_limit_error",
-            )
+        """Take one of the ``max_concurrent`` places, or raise a 429 (full) or a 503 (shutting down)."""
         with self._lock:
+            if self.draining:
+                raise ApiError(503, ENDINGS["shutdown"][2], kind="server_error")
+            if self.active >= self.max_concurrent:
+                busy = f"all {self.max_concurrent} generation slot(s) are busy; retry shortly"
+                raise ApiError(429, busy, kind="rate_limit_error")
             self.active += 1
 
     def release(self) -> None:
         with self._lock:
             self.active -= 1
-        self.slots.release()
 
-    def pieces(self, generation: Generation) -> Pieces:
-        """The answer to ``generation`` as ``pieces`` gives it; nothing runs until the first is asked for."""
+    def submit(
+        self, generation: Generation, deliver: Callable[[Item], object], arrived: float, announced: bool = False
+    ) -> Job:
+        """Start generating ``generation`` (its place taken with ``acquire``, and ``announced`` to the scheduler
+        when it arrived); its tokens and end go to ``deliver``, from the scheduler's thread."""
         request = generation.request
-        tokens = self.engine.stream(
-            generation.ids, request.adapter, generation.max_tokens, request.temperature, request.top_p, request.seed
+        self.metrics.prompt_tokens.inc(request.adapter, amount=generation.usage.prompt_tokens)
+        job = Job(
+            ids=generation.ids,
+            adapter=request.adapter,
+            max_new_tokens=generation.max_tokens,
+            sampling=Sampling(request.temperature, request.top_p, request.seed),
+            deliver=deliver,
+            deadline=arrived + self.request_timeout_s,
+            arrived=arrived,
         )
-        if self.token_delay_s:
-            tokens = _slowed(tokens, self.token_delay_s)
-        return pieces(tokens, self.engine.eos_token_ids, request.stop, generation.usage)
+        self.scheduler.submit(job, announced)
+        return job
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Refuse new requests (503); what is generating may finish within ``grace_s`` seconds, then ends."""
+        with self._lock:
+            self.draining = True
+        self.scheduler.shutdown(time.monotonic() + grace_s)

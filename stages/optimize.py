@@ -3,7 +3,8 @@
 Olive's ModelBuilder pass (onnxruntime-genai's builder) exports the
 dequantized base with the adapter's LoRA branches, then ExtractAdapters moves
 the adapter weights out of the graph into inputs, so one base model serves
-any adapter of the same shape (or none).  Writes ``optimize/model`` (the
+any adapter of the same shape (or none); ``fuse_qkv_lora`` then undoes the
+builder's split of the fused q/k/v projection.  Writes ``optimize/model`` (the
 onnxruntime-genai folder) and ``optimize/adapters/<name>.onnx_adapter``.
 
 ``--adapter-mode merged`` skips ExtractAdapters: the LoRA branches stay in the
@@ -56,6 +57,170 @@ def int4_nodes_to_exclude(parameters: dict, num_layers: int) -> list[str]:
     if parameters["adapter_mode"] == "switchable":
         exclude += lora_matmul_names(num_layers)
     return exclude
+
+
+QKV = ("q", "k", "v")
+
+
+def fuse_qkv_lora(model_file: Path, adapter_files: list[Path]) -> int:
+    """Fuse each attention layer's q, k and v projections back into one, with one LoRA: returns the layers fused.
+
+    With a LoRA on the fused ``qkv_proj``, the model builder splits it into q, k and v, each an int4 MatMulNBits with
+    its own copy of the same LoRA A (PEFT trains one A for the fused projection) and its slice of B. A decode step
+    then runs three int4 matmuls and three LoRA branches where one of each does (benchmarks/results/laptop_speed.md
+    measures the difference). This undoes the split, in ``model_file`` and in each adapter file alike:
+
+    - the three MatMulNBits become one, their int4 blocks, scales and zero points stacked along N (each output
+      column is computed from its own row of blocks, so the values do not change);
+    - their LoRA branches become one: A (the three copies are equal; a layer whose copies differ is left as it is),
+      B the three slices side by side, one Add;
+    - GroupQueryAttention takes the packed q|k|v as the builder writes it for a model without LoRA.
+
+    The adapter's inputs keep the builder's naming (``...attn.qkv_proj.lora_A.MatMul.weight``), with the default
+    empty tensors (rank 0) that let the model run with no adapter.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_file))
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    inits = {i.name: i for i in graph.initializer}
+    adapters = {f: ort.AdapterFormat.read_adapter(str(f)) for f in adapter_files}
+    params = {f: {k: np.array(v.numpy()) for k, v in a.get_parameters().items()} for f, a in adapters.items()}
+    drop_nodes, drop_names, fused = set(), set(), 0
+    for attention in [n for n in graph.node if n.op_type == "GroupQueryAttention"]:
+        parts = _qkv_parts(attention, producer)
+        if parts is None:
+            continue
+        base, lora_a, lora_b = ([p[i] for p in parts] for i in (1, 2, 3))
+        a_names = [n.input[1] for n in lora_a]
+        b_names = [n.input[1] for n in lora_b]
+        same_a = all(
+            all(np.array_equal(values[a_names[0]], values[a]) for a in a_names[1:]) for values in params.values()
+        )
+        attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in base]
+        if not same_a or any({k: v for k, v in a.items() if k != "N"} != {k: v for k, v in attrs[0].items()
+                                                                           if k != "N"} for a in attrs):  # fmt: skip
+            continue
+        prefix = attention.name.rsplit("/", 1)[0]  # /model/layers.<i>/attn
+        layer = prefix.split("/")[2]  # layers.<i>
+        weight = f"model.{layer}.attn.qkv_proj"
+        # The base: one MatMulNBits over the stacked int4 blocks, scales and zero points.
+        stacked = []
+        for slot in range(1, len(base[0].input)):
+            names = [n.input[slot] for n in base]
+            name = f"{weight}.MatMul.{names[0].rsplit('.', 1)[-1]}"
+            arrays = [numpy_helper.to_array(inits[n]) for n in names]
+            graph.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=0), name))
+            stacked.append(name)
+            drop_names.update(names)
+        x = base[0].input[0]
+        n_out = sum(a["N"] for a in attrs)
+        y_base, y_a, y_b, qkv = (f"{prefix}/qkv_proj/{s}/output_0" for s in ("MatMul", "lora_A/MatMul",
+                                                                            "lora_B/MatMul", "lora/Add"))  # fmt: skip
+        new_a, new_b = f"{weight}.lora_A.MatMul.weight", f"{weight}.lora_B.MatMul.weight"
+        graph.node.extend([
+            helper.make_node("MatMulNBits", [x, *stacked], [y_base], f"{prefix}/qkv_proj/MatMul_Q4",
+                             domain="com.microsoft", **{**attrs[0], "N": n_out}),
+            helper.make_node("MatMul", [x, new_a], [y_a], f"{prefix}/qkv_proj/lora_A/MatMul"),
+            helper.make_node("MatMul", [y_a, new_b], [y_b], f"{prefix}/qkv_proj/lora_B/MatMul"),
+            helper.make_node("Add", [y_base, y_b], [qkv], f"{prefix}/qkv_proj/lora/Add"),
+        ])  # fmt: skip
+        # The adapter's inputs and their rank-0 defaults.
+        k_in = attrs[0]["K"]
+        graph.input.extend([
+            helper.make_tensor_value_info(new_a, onnx.TensorProto.FLOAT, [k_in, "lora_r"]),
+            helper.make_tensor_value_info(new_b, onnx.TensorProto.FLOAT, [ "lora_r", n_out]),
+        ])  # fmt: skip
+        graph.initializer.extend([
+            numpy_helper.from_array(np.zeros((k_in, 0), np.float32), new_a),
+            numpy_helper.from_array(np.zeros((0, n_out), np.float32), new_b),
+        ])  # fmt: skip
+        for values in params.values():
+            values[new_a] = values[a_names[0]]
+            values[new_b] = np.concatenate([values[b] for b in b_names], axis=1)
+            for name in (*a_names, *b_names):
+                del values[name]
+        drop_names.update(a_names + b_names)
+        for part in parts:
+            drop_nodes.update(id(n) for n in part[1:])
+            drop_nodes.add(id(part[0]))
+        attention.input[0], attention.input[1], attention.input[2] = qkv, "", ""
+        fused += 1
+    if not fused:
+        return 0
+    keep = [n for n in graph.node if id(n) not in drop_nodes]
+    del graph.node[:]
+    graph.node.extend(_topological(keep))
+    for field in (graph.initializer, graph.input):
+        kept = [item for item in field if item.name not in drop_names]
+        del field[:]
+        field.extend(kept)
+    _save_model(model, model_file)
+    for f, adapter in adapters.items():
+        adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params[f].items()})
+        adapter.export_adapter(str(f))
+    return fused
+
+
+def _qkv_parts(attention, producer: dict) -> list | None:  # noqa: ANN001 (onnx NodeProtos)
+    """For a GroupQueryAttention fed q, k and v by ``base + lora_B(lora_A(x))`` each, over one ``x``: per input its
+    (Add, MatMulNBits, lora_A MatMul, lora_B MatMul); else None."""
+    if len(attention.input) < 3 or not all(attention.input[:3]):
+        return None
+    parts = []
+    for name in attention.input[:3]:
+        add = producer.get(name)
+        if add is None or add.op_type != "Add":
+            return None
+        inputs = [producer.get(i) for i in add.input]
+        base = next((n for n in inputs if n is not None and n.op_type == "MatMulNBits"), None)
+        lora_b = next((n for n in inputs if n is not None and n.op_type == "MatMul" and "lora_B" in n.name), None)
+        lora_a = producer.get(lora_b.input[0]) if lora_b is not None else None
+        if base is None or lora_a is None or lora_a.op_type != "MatMul" or "lora_A" not in lora_a.name:
+            return None
+        if len(base.input) > 4 or lora_a.input[0] != base.input[0]:  # a bias or g_idx, or not one input
+            return None
+        parts.append((add, base, lora_a, lora_b))
+    if len({p[1].input[0] for p in parts}) != 1:
+        return None
+    return parts
+
+
+def _topological(nodes: list) -> list:  # noqa: ANN001 (onnx NodeProtos)
+    """``nodes`` in an order where each comes after the nodes whose outputs it reads (what ONNX requires)."""
+    made = {o for n in nodes for o in n.output}
+    ready, order, waiting = set(), [], list(nodes)
+    while waiting:
+        rest = []
+        for node in waiting:
+            if all(i in ready or i not in made or not i for i in node.input):
+                order.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(waiting):
+            raise RuntimeError("the rewritten graph has a cycle")
+        waiting = rest
+    return order
+
+
+def _save_model(model, model_file: Path) -> None:  # noqa: ANN001 (an onnx ModelProto)
+    """Save ``model`` where it was, its weights in one external file as the builder writes them when they are over
+    protobuf's 2 GB (or when the builder already used one)."""
+    import onnx
+
+    data = model_file.with_name(model_file.name + ".data")
+    external = data.exists() or model.ByteSize() > 2**31 - 2**26
+    data.unlink(missing_ok=True)
+    if external:
+        onnx.save_model(model, str(model_file), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)  # fmt: skip
+    else:
+        onnx.save_model(model, str(model_file))
 
 
 @dataclass(frozen=True)
@@ -239,6 +404,10 @@ def command(
         complete_genai_config(model_folder.model_dir(out), family, base)
         if switchable and not model_folder.adapter_file(out, adapter_name).is_file():
             raise click.ClickException("Olive wrote no adapter file; see the stage log")
+        if switchable and precision == "int4":
+            adapter_file = model_folder.adapter_file(out, adapter_name)
+            fused = fuse_qkv_lora(model_folder.model_dir(out) / "model.onnx", [adapter_file])
+            click.echo(f"q, k and v fused back into one projection with one LoRA in {fused} of {layers} layers")
         if not switchable:
             # What infer reads to serve the model under the adapter's name, with no base to switch to.
             (model_folder.model_dir(out) / model_folder.MERGED_ADAPTER_FILE).write_text(adapter_name + "\n")

@@ -473,6 +473,16 @@ def test_server_image_serves_the_openai_api_by_default(built, client, tiny_run):
         assert check[0] == "CMD"
         code, output = server.exec_run(check[1:])
         assert code == 0, output.decode()
+        # The chat page and the metrics, from the image; then `docker stop` (SIGTERM) drains and exits 0.
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
+            assert b"/v1/chat/completions" in page.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as metrics:
+            assert b'olivepress_requests_total{model="travel",status="200"} 2' in metrics.read()
+        started = time.monotonic()
+        server.stop(timeout=20)
+        assert server.wait(timeout=5)["StatusCode"] == 0 and time.monotonic() - started < 10, server.logs()
     finally:
         server.remove(force=True)
 

@@ -45,23 +45,52 @@ def test_every_alias_of_base_picks_the_base_and_is_echoed_as_sent():
     [
         ({"model": "cooking"}, "model"),
         ({"model": None}, "model"),
+        ({"model": 3}, "model"),
         ({"messages": []}, "messages"),
         ({"messages": "hi"}, "messages"),
-        ({"messages": [{"content": "no role"}]}, "messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
-        ({"messages": [{"role": "user", "content": 3}]}, "messages"),
+        ({"messages": ["hi"]}, "messages[0]"),
+        ({"messages": [{"content": "no role"}]}, "messages[0].role"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [*USER, {"role": "user", "content": [{"type": "image_url"}]}]}, "messages[1].content"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": True}, "max_tokens"),
         ({"max_tokens": 1.5}, "max_tokens"),
+        ({"max_tokens": 2**70}, "max_tokens"),
+        ({"max_completion_tokens": -1}, "max_completion_tokens"),
         ({"temperature": "hot"}, "temperature"),
         ({"temperature": 2.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_p": False}, "top_p"),
         ({"n": 2}, "n"),
+        ({"n": "1"}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": [1]}, "stop"),
+        ({"stop": 3}, "stop"),
         ({"seed": "7"}, "seed"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": -(2**64)}, "seed"),
+        ({"seed": 1.0}, "seed"),
+        ({"stream": "yes"}, "stream"),
         ({"stream_options": "usage"}, "stream_options"),
+        ({"stream": True, "stream_options": 5}, "stream_options"),
+        ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # only with stream: true, as OpenAI's
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": "no"}, "logprobs"),
+        ({"top_logprobs": 99}, "top_logprobs"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"logit_bias": []}, "logit_bias"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tools": "none"}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"user": 5}, "user"),
     ],
 )
 def test_each_bad_field_is_a_400_naming_it(fields, param):
@@ -70,6 +99,17 @@ def test_each_bad_field_is_a_400_naming_it(fields, param):
     assert error.value.status == 400 and error.value.param == param
     body = error.value.body()["error"]
     assert body["type"] == "invalid_request_error" and body["param"] == param and body["message"]
+
+
+def test_defaults_and_nulls_of_unsupported_fields_are_accepted_and_unknown_fields_ignored():
+    accepted = parse(
+        n=1, frequency_penalty=0, presence_penalty=None, logprobs=False, logit_bias={}, tools=None, tool_choice="none",
+        response_format={"type": "text"}, user="me", stream=None, stream_options=None, seed=None, metadata={"a": 1},
+        temperature=None, top_p=None, max_tokens=None, stop=None,
+    )  # fmt: skip
+    assert accepted == parse()
+    assert parse(seed=2**63 - 1).seed == (2**63 - 1) % api.OG_SEEDS and parse(seed=-5).seed == -5 % api.OG_SEEDS
+    assert parse(max_tokens=2**31 - 1).max_tokens == 2**31 - 1  # the context caps it later
 
 
 def test_a_body_that_is_not_an_object_and_an_unknown_model_say_what_is_wrong():
@@ -89,46 +129,42 @@ def test_the_budget_is_capped_by_the_context_and_a_prompt_too_long_is_a_400():
     assert error.value.status == 400 and error.value.param == "messages"
 
 
+def answer(pairs, eos_ids=frozenset({0}), stop=(), usage=None):
+    """What AnswerText makes of a token stream: the text sent piece by piece, and the finish reason."""
+    text = api.AnswerText(set(eos_ids), stop, usage or api.Usage(prompt_tokens=5))
+    out = []
+    for token, piece in pairs:
+        out.append(text.feed(token, piece))
+        if text.finish:
+            return out, text.finish
+    out.append(text.close("length"))
+    return out, text.finish
+
+
 def test_a_stop_string_split_across_pieces_is_cut_and_never_sent():
     usage = api.Usage(prompt_tokens=5)
-    stream = tokens((1, "Go to Tr"), (2, "as"), (3, "tevere, E"), (4, "ND here"), (5, "never read"))
-    out = list(api.pieces(stream, eos_ids={0}, stop=["tevere", "END"], usage=usage))
-    assert "".join(text for text, _ in out) == "Go to Tras"
-    assert out[-1][1] == "stop" and all(reason is None for _, reason in out[:-1])
+    pairs = [(1, "Go to Tr"), (2, "as"), (3, "tevere, E"), (4, "ND here"), (5, "never read")]
+    out, finish = answer(pairs, stop=["tevere", "END"], usage=usage)
+    assert "".join(out) == "Go to Tras" and finish == "stop"
     assert usage.completion_tokens == 3  # generation stopped at the stop string
 
 
 def test_held_back_text_that_is_not_a_stop_string_comes_out_at_the_end():
     usage = api.Usage(prompt_tokens=5)
-    out = list(api.pieces(tokens((1, "ab"), (2, "cE"), (3, "N")), eos_ids={0}, stop=["END"], usage=usage))
-    assert "".join(text for text, _ in out) == "abcEN" and out[-1][1] == "length"
+    out, finish = answer([(1, "ab"), (2, "cE"), (3, "N")], stop=["END"], usage=usage)
+    assert "".join(out) == "abcEN" and finish == "length"
     assert usage.payload() == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
 
 def test_an_end_of_sequence_token_stops_with_its_text_left_out():
     usage = api.Usage(prompt_tokens=2)
-    out = list(api.pieces(tokens((1, "Hi"), (0, "</s>"), (2, "x")), eos_ids={0}, stop=[], usage=usage))
-    assert out == [("Hi", None), ("", "stop")] and usage.completion_tokens == 2
-
-
-def test_closing_the_pieces_closes_the_token_stream():
-    closed = []
-
-    def stream():
-        try:
-            yield from ((i, "word ") for i in range(1, 100))
-        finally:
-            closed.append(True)
-
-    answer = api.pieces(stream(), eos_ids=set(), stop=[], usage=api.Usage(1))
-    next(answer)
-    answer.close()
-    assert closed == [True]
+    out, finish = answer([(1, "Hi"), (0, "</s>"), (2, "x")], usage=usage)
+    assert out == ["Hi", ""] and finish == "stop" and usage.completion_tokens == 2
 
 
 def test_a_completion_has_the_text_the_finish_reason_and_the_usage():
     usage = api.Usage(prompt_tokens=4, completion_tokens=2)
-    payload = api.completion("none", [("Hello", None), (" there", None), ("", "stop")], usage)
+    payload = api.completion("none", "Hello there", "stop", usage)
     assert payload["object"] == "chat.completion" and payload["model"] == "none"
     assert payload["choices"][0]["message"] == {"role": "assistant", "content": "Hello there"}
     assert payload["choices"][0]["finish_reason"] == "stop"
@@ -136,13 +172,10 @@ def test_a_completion_has_the_text_the_finish_reason_and_the_usage():
 
 
 def test_the_stream_events_are_role_text_finish_usage_and_done():
-    usage = api.Usage(prompt_tokens=4)
-
-    def answer():
-        usage.completion_tokens = 2
-        yield from [('He said "hi"\n', None), ("", "length")]
-
-    events = [e.decode() for e in api.sse_events("travel", answer(), usage, include_usage=True)]
+    usage = api.Usage(prompt_tokens=4, completion_tokens=2)
+    stream = api.EventStream("travel")
+    raw = [stream.start(), stream.content('He said "hi"\n'), stream.finish("length"), stream.usage(usage)]
+    events = [e.decode() for e in [*raw, stream.done()]]
     assert all(e.startswith("data: ") and e.endswith("\n\n") for e in events)
     assert events[-1] == "data: [DONE]\n\n"
     role, text, finish, last = (json.loads(e.removeprefix("data: ")) for e in events[:-1])
@@ -152,8 +185,8 @@ def test_the_stream_events_are_role_text_finish_usage_and_done():
     assert text["choices"][0]["delta"] == {"content": 'He said "hi"\n'}
     assert finish["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
     assert last["choices"] == [] and last["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
-    without = list(api.sse_events("travel", answer(), usage, include_usage=False))
-    assert len(without) == len(events) - 1
+    error = json.loads(stream.error(api.ApiError(503, "going away", kind="server_error")).decode()[6:])
+    assert error == {"error": {"message": "going away", "type": "server_error", "param": None, "code": None}}
 
 
 def test_the_models_payloads():
@@ -164,39 +197,32 @@ def test_the_models_payloads():
 
 
 class FakeEngine:
-    """What Service uses of an Engine: names, the chat template, the context and the generation loop."""
+    """What Service uses of an Engine: names, the chat template, the context."""
 
     names = MODELS
     context_length = 32
     eos_token_ids = {0}
-
-    def __init__(self) -> None:
-        self.asked = []
+    pad_token_id = 0
 
     def chat_tokens(self, messages):
         return [7] * sum(len(m["content"].split()) for m in messages)
 
-    def stream(self, ids, adapter, max_new_tokens, temperature=0.0, top_p=1.0, seed=None):
-        self.asked.append((adapter, max_new_tokens, temperature, top_p, seed))
-        yield from ((i, f"w{i} ") for i in range(1, max_new_tokens + 1))
 
-
-def test_the_service_tokenizes_budgets_and_generates_with_the_adapter_asked_for():
-    engine = FakeEngine()
-    service = api.Service(engine, default_max_tokens=100)
-    generation = service.prepare({"model": "none", "messages": USER, "temperature": 0.5, "seed": 1})
+def test_the_service_tokenizes_budgets_and_submits_with_the_adapter_asked_for():
+    service = api.Service(FakeEngine(), default_max_tokens=100)
+    generation = service.prepare({"model": "none", "messages": USER, "temperature": 0.5, "seed": 2**40})
     assert generation.ids == [7] * 6 and generation.max_tokens == 26  # capped by the context: 32 - 6
-    payload = api.completion(generation.request.model, service.pieces(generation), generation.usage)
-    assert engine.asked == [("base", 26, 0.5, 1.0, 1)]
-    assert payload["usage"] == {"prompt_tokens": 6, "completion_tokens": 26, "total_tokens": 32}
-    assert payload["choices"][0]["finish_reason"] == "length"
+    assert generation.request.adapter == "base" and generation.request.seed == 2**40 % api.OG_SEEDS
+    job = service.submit(generation, deliver=lambda item: None, arrived=0.0)
+    assert (job.adapter, job.max_new_tokens, job.sampling.temperature, job.deadline) == ("base", 26, 0.5, 600.0)
+    assert list(service.scheduler.pending) == [job]
     assert service.model("none")["id"] == "none" and service.models()["data"][1]["id"] == "travel"
     with pytest.raises(api.ApiError) as error:
         service.model("cooking")
     assert error.value.status == 400 and error.value.param == "model"
 
 
-def test_a_full_service_is_a_429_rate_limit_error():
+def test_a_full_service_is_a_429_and_a_draining_one_a_503():
     service = api.Service(FakeEngine(), max_concurrent=1)
     service.acquire()
     assert service.health()["active"] == 1
@@ -206,6 +232,11 @@ def test_a_full_service_is_a_429_rate_limit_error():
     service.release()
     service.acquire()
     assert service.health() == {"status": "ok", "models": MODELS, "active": 1, "max_concurrent": 1}
+    service.release()
+    service.begin_shutdown(grace_s=1)
+    with pytest.raises(api.ApiError) as error:
+        service.acquire()
+    assert error.value.status == 503 and service.health()["status"] == "draining"
 
 
 def test_the_runtime_imports_only_what_the_slim_image_has():
@@ -214,6 +245,7 @@ def test_the_runtime_imports_only_what_the_slim_image_has():
     from pathlib import Path
 
     allowed = set(sys.stdlib_module_names) | {"click", "rich", "numpy", "onnxruntime_genai", "contract", "runtime"}
+    allowed |= {"uvicorn", "starlette"}  # the server's HTTP stack (docker/requirements/infer.in)
     for path in (Path(__file__).resolve().parent.parent / "runtime").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []

@@ -150,3 +150,47 @@ def test_quantize_refuses_group_sizes_it_cannot_pack(tmp_path):
     for args in (["--group-size", "0"], ["--group-size", "-1", "--algorithm", "awq"]):
         result = olivepress("quantize", "--dry-run", *args, home=tmp_path, check=False)
         assert result.returncode == 2 and "--group-size" in result.stderr, result.stderr
+
+
+def test_q_k_and_v_are_fused_back_with_one_lora_and_compute_what_the_builder_wrote(tiny_run, tmp_path):
+    """The builder's split q/k/v (three int4 matmuls, three LoRA branches) against fuse_qkv_lora's one of each:
+    the same logits and held-out loss, adapter on and off."""
+    import onnx
+
+    from stages import common
+    from stages import evaluate as evaluate_
+
+    manifest = volume.read_manifest(tiny_run / "optimize")
+    base = volume.output(tiny_run, "quantize", "dequantized")
+    adapter = volume.output(tiny_run, "finetune", "adapter")
+    paths = optimize.Paths(base, adapter, optimize.num_hidden_layers(base), tmp_path / "olive", "cpu")
+    split = common.run_olive_workflow(optimize.olive_workflow(manifest["parameters"], paths))
+    folder = tmp_path / "split"
+    (folder / "adapters").mkdir(parents=True)
+    shutil.move(str(next(split.glob("*.onnx_adapter"))), folder / "adapters" / "travel.onnx_adapter")
+    shutil.move(str(split), folder / "model")
+
+    def graph(f):
+        return onnx.load(str(f / "model" / "model.onnx"), load_external_data=False).graph
+
+    layers = paths.num_layers
+    split_graph, fused_graph = graph(folder), graph(tiny_run / "optimize")
+
+    def count(g, match):
+        return sum(1 for n in g.node if match(n))
+
+    int4 = lambda n: n.op_type == "MatMulNBits"  # noqa: E731
+    lora_a = lambda n: "lora_A" in n.name  # noqa: E731
+    assert count(split_graph, int4) - count(fused_graph, int4) == 2 * layers  # three matmuls became one per layer
+    assert count(split_graph, lora_a) - count(fused_graph, lora_a) == 2 * layers
+    attention = [n for n in fused_graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(list(n.input[1:3]) == ["", ""] for n in attention)  # packed q|k|v
+    for name in (None, "travel"):
+        split_logits, _ = onnx_last_logits(folder, name)
+        fused_logits, _ = onnx_last_logits(tiny_run / "optimize", name)
+        assert relative(fused_logits, split_logits) < 1e-6
+    rows = [json.loads(line) for line in volume.output(tiny_run, "finetune", "heldout").read_text().splitlines()]
+    template = volume.read_manifest(tiny_run / "finetune")["parameters"]["text_template"]
+    for key, name in (("onnx_adapter", "travel"), ("onnx_base", "base")):
+        split_loss = evaluate_.onnx_loss(folder, rows, template, name)["loss"]
+        assert abs(manifest["metrics"][key]["loss"] - split_loss) < 1e-5
