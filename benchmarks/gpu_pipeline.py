@@ -20,6 +20,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -138,15 +139,22 @@ def bench(size: str, algorithm: str, steps: int, evaluate: bool, work: Path, res
         append(results, row)
 
 
-def end_to_end(work: Path, results: Path) -> None:
+def end_to_end(work: Path, results: Path, checkout: Path = REPO) -> None:
     """`olivepress run` from an empty home, as a user runs it (every stage its own process): the total, each
-    stage's own work (its manifest) and what each stage process spent around it (start-up, imports, exit)."""
+    stage's own work (its manifest) and what each stage process spent around it (start-up, imports, exit).
+
+    ``checkout`` is the source tree to run (another commit's worktree, for a before/after in one run); the home
+    goes by OLIVEPRESS_HOME, which every version of the launcher reads.
+    """
     home = work / "end-to-end"
     shutil.rmtree(home, ignore_errors=True)
+    command = [sys.executable, "-m", "olivepress.cli", "run"]
+    env = dict(os.environ, OLIVEPRESS_HOME=str(home), PYTHONPATH=str(checkout))
+    revision = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()  # fmt: skip
+    print("$", f"(in {checkout}, {revision})", shlex.join(command), flush=True)
     start = time.perf_counter()
-    command = [sys.executable, "-m", "olivepress.cli", "run", "--home", str(home)]
-    print("$", shlex.join(command), flush=True)
-    subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(command, check=True, cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     total = time.perf_counter() - start
     manifests = {s: json.loads((home / s / "manifest.json").read_text()) for s in STAGES}
     stage_work = {s: m["wall_s"] for s, m in manifests.items()}
@@ -155,6 +163,7 @@ def end_to_end(work: Path, results: Path) -> None:
         {
             "size": "tiny",
             "stage": "olivepress run (all four, from an empty home)",
+            "checkout": "this" if checkout == REPO else f"commit {revision}",
             "algorithm": manifests["quantize"]["parameters"]["algorithm"],
             "steps": manifests["finetune"]["parameters"]["max_steps"],
             "scoring": True,
@@ -166,6 +175,7 @@ def end_to_end(work: Path, results: Path) -> None:
             "gpu": gpu_name(),
             "host": platform.node(),
             "cpu": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+            "load": [round(x, 2) for x in os.getloadavg()],
             "versions": manifests["quantize"]["versions"],
         },
     )
@@ -180,6 +190,10 @@ def append(results: Path, row: dict) -> None:
 def table(results: Path) -> str:
     """The results file as Markdown, with the issue's two goals and whether the rows meet them."""
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    command = ""
+    for record in records:  # each row, with the command line before it
+        command = record.get("command", command)
+        record.setdefault("made_by", command)
     rows = [r for r in records if "stage" in r]
     gb = 1e9
     lines = [
@@ -188,6 +202,8 @@ def table(results: Path) -> str:
     ]
     for r in rows:
         run = f"{r['algorithm']}, {r['steps']} steps, scoring {'on' if r['scoring'] else 'off'}"
+        if r.get("checkout", "this") != "this":
+            run += f" ({r['checkout']}, before)"
         where = r["gpu"] if r["gpu"] not in ("", "none") else f"CPU ({r.get('cpu', '?')})"
         if r["stage"] == "quantize":
             out = f"{r['base_bytes'] / gb:.2f} GB → {r['quantized_bytes'] / gb:.2f} GB"
@@ -233,13 +249,25 @@ def goals(rows: list[dict]) -> list[str]:
         )
     tiny = [r for r in rows if r["stage"].startswith("olivepress run")]
     if tiny:
-        r = tiny[-1]
-        met = "met" if r["wall_s"] <= 35 else "not met"
-        out.append(
-            f"- **Goal 2** (`olivepress run`, tiny default, from an empty home, {r.get('cpu', '?')}): "
-            f"**{r['wall_s']:.1f} s** (≤ 35 s): **{met}**; the stages' own work {r['stage_wall_s']:.1f} s, "
-            f"{r['outside_stages_s']:.1f} s around them."
+        latest = [r for r in tiny if r["made_by"] == tiny[-1]["made_by"]]
+        now = [r for r in latest if r.get("checkout", "this") == "this"]
+        before = [r for r in latest if r.get("checkout", "this") != "this"]
+        wall = statistics.median(r["wall_s"] for r in now)
+        met = "met" if wall <= 35 else "not met"
+        work = statistics.median(r["stage_wall_s"] for r in now)
+        outside = statistics.median(r["outside_stages_s"] for r in now)
+        line = (
+            f"- **Goal 2** (`olivepress run`, tiny default, from an empty home, {now[-1].get('cpu', '?')}, median of "
+            f"{len(now)}): **{wall:.1f} s** (≤ 35 s): **{met}**; the stages' own work {work:.1f} s, {outside:.1f} s "
+            "around them."
         )
+        if before:
+            then = statistics.median(r["wall_s"] for r in before)
+            line += (
+                f" The same runs of {before[0]['checkout']}, alternating with these: {then:.1f} s "
+                f"({wall / then:.2f}x of it)."
+            )
+        out.append(line)
     return out
 
 
@@ -251,6 +279,8 @@ def main() -> None:
     parser.add_argument("--no-evaluate", action="store_true", help="run the stages without held-out scoring")
     parser.add_argument("--stages", default="make,quantize,finetune,optimize,infer")
     parser.add_argument("--end-to-end", action="store_true", help="time `olivepress run` of the tiny default")
+    parser.add_argument("--repeats", type=int, default=1, help="--end-to-end runs (each after --baseline's)")
+    parser.add_argument("--baseline", type=Path, help="--end-to-end also runs this checkout, alternating with this one")
     parser.add_argument("--work", type=Path, default=Path("/tmp/olivepress-bench"))
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "gpu_pipeline.jsonl")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the results file")
@@ -271,7 +301,10 @@ def main() -> None:
             + "\n"
         )
     if args.end_to_end:
-        end_to_end(args.work, args.results)
+        for _ in range(args.repeats):
+            if args.baseline:
+                end_to_end(args.work, args.results, args.baseline.resolve())
+            end_to_end(args.work, args.results)
     for size in args.size:
         bench(size, args.algorithm, args.steps, not args.no_evaluate, args.work, args.results, args.stages.split(","))
     print(table(args.results))
