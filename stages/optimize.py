@@ -39,8 +39,9 @@ def lora_matmul_names(num_layers: int) -> list[str]:
     """Every name the model builder can give a LoRA branch's MatMul (it splits fused qkv/gate_up per projection).
 
     A switchable adapter's weights become graph inputs, and an int4 MatMulNBits whose weights are an input cannot
-    be prepacked: that ran the adapter at 0.43x the base's decode speed, float LoRA weights at 0.79x (0.95B model,
-    2 cores; benchmarks/results/laptop_speed.md). Names absent from the graph are ignored by the quantizer.
+    be prepacked: in a scratch run (0.95B model, 2 cores) int4 LoRA weights ran the adapter at 0.43x the base's
+    decode speed, float ones at 0.79x (0.86x once ``fuse_qkv_lora`` joins q/k/v; benchmarks/results/laptop_speed.md).
+    Names absent from the graph are ignored by the quantizer.
     """
     return [
         f"/model/layers.{i}/{projection}/lora_{ab}/MatMul"
