@@ -24,21 +24,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from gpu_pipeline import gpu_name  # noqa: E402 (this folder: the script's own)
+
 from contract import families, registry  # noqa: E402
 
 STEPS = "3"
 # tests/test_evaluate.py's INT4_TOLERANCE: how far the int4 build's held-out loss may be from PyTorch's.
 FIDELITY = 0.02
 PACKAGES = ("torch", "transformers", "autoawq", "olive-ai", "onnxruntime-genai")
-
-
-def gpu_name() -> str:
-    try:
-        return subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return "none"
 
 
 def manifest(home: Path, stage: str) -> dict | None:

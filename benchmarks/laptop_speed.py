@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import http.client
 import json
 import os
 import shlex
@@ -48,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from serve_overhead import machine, versions  # noqa: E402 (this folder: the script's own)
+from serve_overhead import machine, streamed_events, versions  # noqa: E402 (this folder: the script's own)
 
 from contract.model_folder import BASE  # noqa: E402
 from runtime.engine import og_config  # noqa: E402
@@ -325,21 +324,13 @@ def olivepress_client(port: int, model: str, prompt: str) -> Stream:
     """One streamed chat completion from `olivepress serve`: a stamp per content event, the count from its usage."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": NEW_TOKENS,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     stamps, tokens = [], 0
     start = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 200, response.read()
-    for raw in response:
-        if not raw.startswith(b"data: {"):
-            continue
-        now, event = time.perf_counter(), json.loads(raw[6:])
+    for now, event in streamed_events(port, "/v1/chat/completions", body):
         if event.get("usage"):
             tokens = event["usage"]["completion_tokens"]
         if event["choices"] and event["choices"][0]["delta"].get("content"):
             stamps.append(now)
-    conn.close()
     if tokens != NEW_TOKENS:
         raise SystemExit(f"{prompt!r} ended after {tokens} tokens with {model}; choose another USER_PROMPTS entry")
     return _stream(start, stamps, tokens)
@@ -349,22 +340,14 @@ def llama_client(port: int, ids: list[int]) -> Stream:
     """One streamed /completion from llama-server on the same token ids: greedy, no prompt cache, no early end."""
     body = {"prompt": ids, "n_predict": NEW_TOKENS, "stream": True, "ignore_eos": True, "cache_prompt": False,
             "temperature": 0.0, "top_k": 1, "samplers": ["top_k"]}  # fmt: skip
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     stamps, tokens = [], 0
     start = time.perf_counter()
-    conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 200, response.read()
-    for raw in response:
-        if not raw.startswith(b"data: {"):
-            continue
-        now, event = time.perf_counter(), json.loads(raw[6:])
+    for now, event in streamed_events(port, "/completion", body):
         if event.get("stop"):
             tokens = event.get("timings", {}).get("predicted_n", tokens)
         else:
             stamps.append(now)
             tokens += 1
-    conn.close()
     return _stream(start, stamps, tokens)
 
 

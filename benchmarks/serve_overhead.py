@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -89,33 +89,38 @@ def engine_run(engine: Engine, adapter: str, max_new: int) -> Run:
     return _timing(start, stamps, answer.new_tokens)
 
 
+def streamed_events(port: int, path: str, body: dict) -> Iterator[tuple[float, dict]]:
+    """POST ``body`` as JSON to a local server and yield (time.perf_counter() of its arrival, event) for each
+    server-sent ``data:`` event with a JSON object."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        for raw in response:
+            line = raw.strip()
+            if line.startswith(b"data: {"):
+                yield time.perf_counter(), json.loads(line[6:])
+    finally:
+        conn.close()
+
+
 def server_run(port: int, model: str, max_new: int) -> Run:
     """One streamed chat completion; a timestamp per content chunk received, the token count from its usage."""
-    body = json.dumps(
-        {
-            "model": model,
-            "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": max_new,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    )
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_new,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     stamps, tokens = [], None
     start = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 200, response.read()
-    for raw in response:
-        line = raw.strip()
-        if not line.startswith(b"data: {"):
-            continue
-        now, event = time.perf_counter(), json.loads(line[6:])
+    for now, event in streamed_events(port, "/v1/chat/completions", body):
         if event.get("usage"):
             tokens = event["usage"]["completion_tokens"]
         if event["choices"] and event["choices"][0]["delta"].get("content"):
             stamps.append(now)
-    conn.close()
     return _timing(start, stamps, tokens)
 
 

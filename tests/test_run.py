@@ -9,6 +9,7 @@ from conftest import TINY_STEPS, olivepress
 
 from contract import registry, volume
 from stages import data
+from tests.test_evaluate import CHAT_ROWS
 
 
 def test_run_publishes_four_manifests_and_answers(tiny_run):
@@ -61,27 +62,13 @@ def test_status_lists_the_stages(tiny_run):
     assert rows[0]["parameters"]["algorithm"] == "gptq"
 
 
-TWO_CHAT_ROWS = [
-    {
-        "messages": [
-            {"role": "system", "content": "You are a travel guide."},
-            {"role": "user", "content": "Where should I eat in Rome?"},
-            {"role": "assistant", "content": "Trastevere, for its trattorias."},
-            {"role": "user", "content": "And for dessert?"},
-            {"role": "assistant", "content": "Gelato near the Pantheon."},
-        ]
-    },
-    {"messages": [{"role": "user", "content": "Best time for Paris?"}, {"role": "assistant", "content": "Spring."}]},
-]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("rows", ["prompt/response", "chat"])
 def test_two_rows_run_end_to_end(tmp_path, rows):
     """The fewest rows a run takes (one to train on, one held out), far fewer tokens than --max-seq-len."""
     data_file = tmp_path / "two.jsonl"
     if rows == "chat":
-        data_file.write_text("".join(json.dumps(row) + "\n" for row in TWO_CHAT_ROWS))
+        data_file.write_text("".join(json.dumps(row) + "\n" for row in CHAT_ROWS))
     else:
         data_file.write_text("\n".join(data.DEFAULT_DATA.read_text().splitlines()[:2]))
     olivepress("run", "--data-files", str(data_file), "--max-steps", "3", home=tmp_path / "home")
