@@ -238,7 +238,7 @@ class Scheduler:
                 self._end(job, ended)
         if batch.open_rows:
             if self.metrics:
-                self.metrics.batch_size.observe(value=len(batch.open_rows))
+                self.metrics.batch_size.observe(len(batch.open_rows))
             try:
                 produced = batch.step()
             except Exception as exc:
@@ -262,9 +262,9 @@ class Scheduler:
         job.tokens += 1
         if self.metrics:
             if job.first_token_at is None:
-                self.metrics.ttft.observe(job.adapter, value=now - job.arrived)
+                self.metrics.ttft.labels(job.adapter).observe(now - job.arrived)
             else:
-                self.metrics.per_token.observe(job.adapter, value=now - job.last_token_at)
+                self.metrics.per_token.labels(job.adapter).observe(now - job.last_token_at)
         job.first_token_at = job.first_token_at or now
         job.last_token_at = now
         job.deliver((token, piece))
@@ -274,13 +274,13 @@ class Scheduler:
             return
         job.ended = end
         if self.metrics:
-            self.metrics.completion_tokens.inc(job.adapter, amount=job.tokens)
-            self.metrics.duration.observe(job.adapter, value=time.monotonic() - job.arrived)
+            self.metrics.completion_tokens.labels(job.adapter).inc(job.tokens)
+            self.metrics.duration.labels(job.adapter).observe(time.monotonic() - job.arrived)
             if job.started:
                 self._gauge(self.metrics.running, job.adapter, -1)
         job.deliver(end)
 
     @staticmethod
-    def _gauge(gauge, model: str, amount: int) -> None:  # noqa: ANN001 (a metrics.Gauge or None)
-        if gauge:
-            gauge.add(model, amount=amount)
+    def _gauge(gauge, model: str, amount: int) -> None:  # noqa: ANN001 (a prometheus_client Gauge or None)
+        if gauge is not None:
+            gauge.labels(model).inc(amount)

@@ -126,7 +126,7 @@ class Answer:
         self.job.cancel()
         self.service.release()
         usage, elapsed = self.generation.usage, time.monotonic() - self.arrived
-        self.service.metrics.requests.inc(self.request.adapter, str(status))
+        self.service.metrics.requests.labels(self.request.adapter, str(status)).inc()
         if self.disconnected:
             log.info("%s: client disconnected after %d tokens, %.2f s", self.request.model, usage.completion_tokens,
                      elapsed)  # fmt: skip
@@ -168,7 +168,7 @@ def make_app(service: Service) -> Starlette:
             service.scheduler.withdraw()
             if not isinstance(error, ApiError):
                 raise
-            service.metrics.requests.inc(service.label(body), str(error.status))
+            service.metrics.requests.labels(service.label(body), str(error.status)).inc()
             return error_response(error)
         answer = Answer(service, generation, arrived, announced=True)
         items = answer.items()

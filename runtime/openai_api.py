@@ -485,7 +485,7 @@ class Service:
         """Start generating ``generation`` (its place taken with ``acquire``, and ``announced`` to the scheduler
         when it arrived); its tokens and end go to ``deliver``, from the scheduler's thread."""
         request = generation.request
-        self.metrics.prompt_tokens.inc(request.adapter, amount=generation.usage.prompt_tokens)
+        self.metrics.prompt_tokens.labels(request.adapter).inc(generation.usage.prompt_tokens)
         job = Job(
             ids=generation.ids,
             adapter=request.adapter,
