@@ -119,7 +119,7 @@ def olive_workflow(
 
 # olive-ai 0.13.0 logs a telemetry heartbeat before it reads OLIVE_DISABLE_TELEMETRY, and at exit its exporter
 # retries sending it for about 11 s wherever there is no network: every stage process paid that after its work.
-OLIVE_HEARTBEAT_FIXED_IN = "0.13.0"
+OLIVE_PATCHED_VERSION = "0.13.0"  # the one version the patch below applies to
 
 
 def skip_olive_heartbeat_when_disabled() -> bool:
@@ -127,7 +127,7 @@ def skip_olive_heartbeat_when_disabled() -> bool:
     heartbeat it queues before reading that variable. Other versions are left as they are."""
     from importlib import metadata
 
-    if os.environ.get("OLIVE_DISABLE_TELEMETRY") != "1" or metadata.version("olive-ai") != OLIVE_HEARTBEAT_FIXED_IN:
+    if os.environ.get("OLIVE_DISABLE_TELEMETRY") != "1" or metadata.version("olive-ai") != OLIVE_PATCHED_VERSION:
         return False
     from olive.telemetry.telemetry import Telemetry
 
