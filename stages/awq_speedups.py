@@ -1,15 +1,19 @@
-"""Two faster replacements inside AutoAWQ 0.2.9, the library Olive's AWQ pass drives (quantize --algorithm awq).
+"""Three faster replacements inside AutoAWQ 0.2.9, the library Olive's AWQ pass drives (quantize --algorithm awq).
 
 At the Phi-3.5-mini shapes on one H200, AutoAWQ spent 86 s packing weights (``WQLinear_GEMM.from_linear`` loops
-over every input column, then every packed column, one small GPU kernel at a time) and 101 s in the clip search
+over every input column, then every packed column, one small GPU kernel at a time), 101 s in the clip search
 (``AwqQuantizer._compute_best_clip`` multiplies and sums a [256, 512, in] tensor elementwise, in batches of 256
-output channels). Both are rewritten here without changing what they compute:
+output channels) and about 20 s restoring weights in the scale search (``_compute_best_scale`` keeps its copy of
+the block's weights in host memory and copies it back to the GPU after each of its 20 candidates). They are
+rewritten here without changing what they compute:
 
 - ``pack_gemm``: the same rounding and the same bit layout, as whole-tensor operations: bit-identical output
   (tests/test_awq_speedups.py checks it against AutoAWQ's own loop).
 - ``compute_best_clip``: each group's output as one batched matrix product instead of an elementwise product and
   a sum. The arithmetic is the same up to summation order, so a clip value can differ where two candidates' errors
   tie to within rounding; the test bounds how often and that the clipped weights' error does not grow.
+- ``compute_best_scale``: AutoAWQ's own code with the copy of the weights kept where they are (a device-to-device
+  copy of one block, at most a few hundred MB): the same scales, bit for bit.
 
 ``apply()`` installs them only on the version they were written against; any other version runs unchanged.
 """
@@ -97,16 +101,64 @@ def compute_best_clip(self, w, input_feat, n_grid=20, max_shrink=0.5, n_sample_t
     return best_max_val  # [co, g, 1], what AutoAWQ returns after its squeeze(1)
 
 
+def compute_best_scale(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs={}):  # noqa: ANN001, ANN201, B006
+    """``AwqQuantizer._compute_best_scale`` of AutoAWQ 0.2.9; only ``org_sd`` differs (a clone, not a host copy)."""
+    import torch
+
+    n_grid = 20
+    history = []
+    best_ratio = -1
+    best_scales = None
+    best_error = float("inf")
+
+    org_sd = {k: v.clone() for k, v in module2inspect.state_dict().items()}
+
+    device = x.device
+    x_mean = x_mean.view(-1).to(device)
+    w_mean = w_mean.view(-1).to(device)
+
+    for ratio in range(n_grid):
+        ratio = ratio / n_grid
+        if self.duo_scaling:
+            scales = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+        else:
+            scales = x_mean.pow(ratio).clamp(min=1e-4).view(-1)
+        scales = scales / (scales.max() * scales.min()).sqrt()
+        scales_view = scales.view(1, -1).to(device)
+        scales[torch.isinf(scales)] = 1
+        scales[torch.isnan(scales)] = 1
+        for fc in linears2scale:
+            fc.weight.mul_(scales_view)
+            fc.weight.data = self.pseudo_quantize_tensor(fc.weight.data)[0] / scales_view
+        int_w_output = self._module_forward(x, module2inspect, kwargs)
+        int_w_output = int_w_output.clip(torch.finfo(int_w_output.dtype).min, torch.finfo(int_w_output.dtype).max)
+        loss = self._compute_loss(fp16_output, int_w_output, device)
+        history.append(loss)
+        if loss < best_error:
+            best_error = loss
+            best_ratio = ratio
+            best_scales = scales.clone()
+        module2inspect.load_state_dict(org_sd)
+
+    if best_ratio == -1:
+        log.debug(history)
+        raise Exception
+    assert torch.isnan(best_scales).sum() == 0, best_scales
+    return best_scales.detach().cpu()
+
+
 def apply() -> bool:
-    """Install both replacements if the installed AutoAWQ is the version they copy; say so either way."""
+    """Install the three replacements if the installed AutoAWQ is the version they copy; say so either way."""
     import awq
     from awq.modules.linear.gemm import WQLinear_GEMM
     from awq.quantize.quantizer import AwqQuantizer
 
     if awq.__version__ != PATCHED_VERSION:
-        log.warning("AutoAWQ %s: its own (slower) packing and clip search run", awq.__version__)
+        log.warning("AutoAWQ %s: its own (slower) packing, clip search and scale search run", awq.__version__)
         return False
     WQLinear_GEMM.from_linear = classmethod(from_linear)
     AwqQuantizer._compute_best_clip = compute_best_clip
-    log.info("AutoAWQ %s: vectorized packing and batched clip search installed", awq.__version__)
+    AwqQuantizer._compute_best_scale = compute_best_scale
+    log.info("AutoAWQ %s: vectorized packing, batched clip search, scale search without host copies installed",
+             awq.__version__)  # fmt: skip
     return True
