@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,25 @@ def stage_command(name: str, help_text: str | None = None) -> Callable[[Callable
 
 
 def entrypoint(command: click.Command) -> None:
-    """``python -m stages.<name>``: the container entrypoint, with the same env-var prefix as the launcher."""
-    command(prog_name=f"python -m stages.{command.name}", auto_envvar_prefix=f"OLIVEPRESS_{command.name.upper()}")
+    """``python -m stages.<name>``: the container entrypoint, with the same env-var prefix as the launcher.
+
+    Once the command is done (its outputs published or its error reported) the process ends without the
+    interpreter's teardown: unloading torch, transformers and Olive module by module takes 1-1.5 s per stage
+    and writes nothing. Logs and the standard streams are flushed first.
+    """
+    try:
+        command(prog_name=f"python -m stages.{command.name}", auto_envvar_prefix=f"OLIVEPRESS_{command.name.upper()}")
+        code: object = 0
+    except SystemExit as done:
+        code = done.code
+    if code is None:
+        code = 0
+    if not isinstance(code, int):  # a message for sys.exit to print
+        raise SystemExit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def has_cuda() -> bool:

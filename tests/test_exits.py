@@ -58,3 +58,28 @@ def run_failing(folder: str, kind: str) -> None:
             raise error
 
     failing([])
+
+
+@pytest.mark.parametrize(("body", "code"), [("pass", 0), ("raise BadInput('no such rows')", 2)])
+def test_a_stage_process_ends_with_its_code_and_everything_it_wrote(tmp_path, body, code):
+    """The stage entrypoint skips the interpreter's teardown: what the stage printed and logged must still be out."""
+    script = f"""
+import logging, click
+from contract.exits import BadInput
+from stages import common
+logging.basicConfig(filename={str(tmp_path / "log.txt")!r}, level=logging.INFO)
+@click.command("probe")
+def probe():
+    logging.getLogger("olivepress").info("logged before the end")
+    print("printed without a newline", end="")
+    {body}
+common.entrypoint(probe)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parent.parent
+    )
+    assert done.returncode == code, done.stderr
+    assert "printed without a newline" in done.stdout
+    assert "logged before the end" in (tmp_path / "log.txt").read_text()
+    if code:
+        assert "no such rows" in done.stderr and "Traceback" not in done.stderr
