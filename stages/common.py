@@ -153,11 +153,32 @@ def skip_olive_heartbeat_when_disabled() -> bool:
     return True
 
 
+def name_olive_input_models_by_path() -> bool:
+    """Olive 0.13.0 names a local input model in its cache by reading every byte of it: 7.6 GB, 5-7 s, in every
+    stage at Phi-3.5-mini size. Each stage gives Olive a cache of its own that ends with the run
+    (``olive_workflow``), so a name unique in it is enough: the model's paths. The manifests already identify the
+    inputs by content. Other versions are left as they are."""
+    from importlib import metadata
+
+    if metadata.version("olive-ai") != OLIVE_PATCHED_VERSION:
+        return False
+    from olive.common.utils import hash_string
+    from olive.model.config.model_config import ModelConfig
+
+    def identifier_from_paths(self: ModelConfig) -> str:
+        keys = ("model_path", "adapter_path", "model_script", "script_dir")
+        return hash_string(json.dumps({key: str(self.config.get(key)) for key in keys}))
+
+    ModelConfig.get_model_identifier = identifier_from_paths
+    return True
+
+
 def run_olive_workflow(workflow: dict[str, Any]) -> Path:
     """Run an Olive workflow config on this machine and return the folder of its output model."""
     from olive.workflows import run
 
     skip_olive_heartbeat_when_disabled()
+    name_olive_input_models_by_path()
     for handler in logging.getLogger("olive").handlers:  # Olive prints INFO to stdout; the stage log has it all
         if type(handler) is logging.StreamHandler:
             handler.setLevel(logging.INFO if _console["verbose"] else logging.WARNING)

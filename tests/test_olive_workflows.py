@@ -292,3 +292,26 @@ def test_with_telemetry_disabled_olive_queues_no_heartbeat(monkeypatch):
     assert sent == []
     monkeypatch.setenv("OLIVE_DISABLE_TELEMETRY", "0")
     assert not common.skip_olive_heartbeat_when_disabled()
+
+
+def test_olive_names_an_input_model_by_its_paths_without_reading_it(monkeypatch, tmp_path):
+    """Olive 0.13.0 hashed every byte of a local input model to name it in its own cache, which olivepress keeps
+    per run; the name now comes from the paths: stable for one model, different for another."""
+    from olive.model.config.model_config import ModelConfig
+
+    monkeypatch.setattr(ModelConfig, "get_model_identifier", ModelConfig.get_model_identifier)
+    read = []
+    monkeypatch.setattr("olive.model.config.model_config.hash_file", lambda *a, **k: read.append(a) or "0" * 64)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "b").mkdir()
+
+    def model_id(path):
+        return ModelConfig.from_json({"type": "HfModel", "config": {"model_path": str(path)}}).get_model_id()
+
+    model_id(tmp_path / "a")
+    assert read, "the original reads the files"
+    read.clear()
+    assert common.name_olive_input_models_by_path()
+    assert model_id(tmp_path / "a") == model_id(tmp_path / "a") != model_id(tmp_path / "b")
+    assert read == []

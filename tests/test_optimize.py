@@ -194,3 +194,19 @@ def test_q_k_and_v_are_fused_back_with_one_lora_and_compute_what_the_builder_wro
     for key, name in (("onnx_adapter", "travel"), ("onnx_base", "base")):
         split_loss = evaluate_.onnx_loss(folder, rows, template, name)["loss"]
         assert abs(manifest["metrics"][key]["loss"] - split_loss) < 1e-5
+
+
+def test_the_builder_without_random_initialisation_writes_the_same_files(tiny_run, tmp_path, monkeypatch):
+    """The tiny run built its ONNX model with new Linear layers left uninitialized; without that patch the files
+    are byte for byte the same."""
+    import torch
+
+    original = torch.nn.Linear.reset_parameters
+    with optimize.builder_linear_layers_uninitialized() as patched:
+        assert patched and torch.nn.Linear.reset_parameters is not original
+    assert torch.nn.Linear.reset_parameters is original
+    monkeypatch.setattr(optimize, "BUILDER_PATCHED_VERSION", "another")
+    optimize_a_copy(tiny_run, tmp_path, "--no-evaluate")
+    assert (
+        volume.read_manifest(tmp_path / "optimize")["outputs"] == volume.read_manifest(tiny_run / "optimize")["outputs"]
+    )
