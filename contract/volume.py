@@ -28,6 +28,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
@@ -131,14 +132,16 @@ def sha256_file(path: Path) -> str:
 
 
 def tree_hashes(folder: Path, exclude: tuple[str, ...] = (MANIFEST, LOG)) -> dict[str, str]:
-    """sha256 of every file below ``folder``, by posix path relative to it, sorted."""
+    """sha256 of every file below ``folder``, by posix path relative to it, sorted.
+
+    Files are hashed on several threads (hashlib lets go of the GIL): a quantize output holds two multi-GB models.
+    """
     if folder.is_file():
         return {folder.name: sha256_file(folder)}
-    return {
-        p.relative_to(folder).as_posix(): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.relative_to(folder).as_posix() not in exclude
-    }
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() not in exclude]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(sha256_file, files))
+    return {p.relative_to(folder).as_posix(): digest for p, digest in zip(files, digests, strict=True)}
 
 
 def tree_bytes(folder: Path) -> int:
