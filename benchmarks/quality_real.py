@@ -241,8 +241,7 @@ def score(args: argparse.Namespace) -> None:
     rows = [{"response": p} for p in json.loads(args.passages.read_text())]
     result = {}
     if args.onnx:
-        for adapter in args.adapters.split(","):
-            result[adapter] = evaluate.onnx_loss(args.onnx, rows, CORPUS_TEMPLATE, adapter)
+        result.update(evaluate.onnx_losses(args.onnx, rows, CORPUS_TEMPLATE, args.adapters.split(",")))
     else:
         result["torch"] = evaluate.torch_loss(args.model, rows, CORPUS_TEMPLATE, args.adapter)
     args.result.write_text(json.dumps(result, indent=2) + "\n")

@@ -98,8 +98,9 @@ class Family:
     # does only up to there, so optimize caps genai_config.json's context_length at it.
     context_limit: str | None = None
     limits: tuple[str, ...] = ()
-    # The attention finetune trains with: PyTorch's fused kernel unless the family computes something it cannot.
-    training_attention: str = "sdpa"
+    # The attention finetune must train with, where the family computes something one kernel cannot; else None and
+    # finetune takes the faster on its device.
+    training_attention: str | None = None
     # What the AWQ run on a GPU found (benchmarks/families_gpu.py, benchmarks/results/families_gpu.md).
     gpu: str = "pending"
 

@@ -64,25 +64,29 @@ def genai_tokenizer(engine: Engine) -> data.Tokenizer:
     return data.Tokenizer(engine.tokenizer.encode, chat_template)
 
 
-def onnx_loss(folder: Path, rows: list[dict], template: str, adapter: str) -> dict:
-    """Score an optimize-layout folder through onnxruntime-genai, with its own tokenizer and chat template (what
-    infer and serve use): each row in one forward pass, reading the logits of every position (the model's
-    ``logits`` output) that predicts a scored token."""
+def onnx_losses(folder: Path, rows: list[dict], template: str, adapters: list[str]) -> dict[str, dict]:
+    """Score an optimize-layout folder through onnxruntime-genai with each of ``adapters`` (``base`` for none), the
+    model loaded once: its own tokenizer and chat template (what infer and serve use), each row in one forward pass,
+    reading the logits of every position (the model's ``logits`` output) that predicts a scored token."""
     import numpy as np
 
     from runtime.engine import Engine
 
     engine = Engine(folder)
-    total, count = 0.0, 0
-    for ids, mask in scored_examples(genai_tokenizer(engine), rows, template):
-        generator = engine.new_generator(adapter, len(ids) + 1)
-        generator.append_tokens(ids)
-        logits = np.asarray(generator.get_output("logits"), dtype=np.float64)[0, :-1]  # t predicts token t + 1
-        scored = np.asarray(mask[1:], dtype=bool)
-        targets = np.asarray(ids[1:])[scored]
-        logits = logits[scored]
-        top = logits.max(axis=-1, keepdims=True)
-        log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
-        total += float((log_norm - logits[np.arange(len(targets)), targets]).sum())
-        count += len(targets)
-    return summary(total, count)
+    examples = list(scored_examples(genai_tokenizer(engine), rows, template))
+    losses = {}
+    for adapter in adapters:
+        total, count = 0.0, 0
+        for ids, mask in examples:
+            generator = engine.new_generator(adapter, len(ids) + 1)
+            generator.append_tokens(ids)
+            logits = np.asarray(generator.get_output("logits"), dtype=np.float64)[0, :-1]  # t predicts token t + 1
+            scored = np.asarray(mask[1:], dtype=bool)
+            targets = np.asarray(ids[1:])[scored]
+            logits = logits[scored]
+            top = logits.max(axis=-1, keepdims=True)
+            log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
+            total += float((log_norm - logits[np.arange(len(targets)), targets]).sum())
+            count += len(targets)
+        losses[adapter] = summary(total, count)
+    return losses

@@ -38,6 +38,17 @@ log = logging.getLogger("olivepress")
 OUTPUTS = registry.STAGES["finetune"].outputs
 
 
+# The faster attention kernel where a family allows either. On one H200 (Phi-3.5-mini shapes, bfloat16, padded
+# batches, activation checkpointing) 100 steps took 26 s with eager attention and about 45 s with SDPA; on 2 CPU
+# cores (the tiny model, float32) SDPA is the faster, 158 against 171 ms a step.
+FASTER_ATTENTION = {"gpu": "eager", "cpu": "sdpa"}
+
+
+def training_attention(family: families.Family, device: str) -> str:
+    """The attention finetune trains with: the family's own where it needs one, else the faster on ``device``."""
+    return family.training_attention or FASTER_ATTENTION[device]
+
+
 def resolve_processes(value: str) -> int:
     if value == "all":
         return max(1, common.gpu_count())
@@ -291,7 +302,7 @@ def command(
         "max_seq_len": max_seq_len,
         "train_on_inputs": train_on_inputs,
         "target_modules": [m for m in target_modules.split(",") if m] or list(family.lora_targets),
-        "attention": family.training_attention,
+        "attention": training_attention(family, device),
         "heldout_fraction": heldout_fraction,
         "seed": seed,
         "torch_dtype": dtype,

@@ -443,11 +443,11 @@ def command(
         if evaluate and heldout_file.is_file() and heldout_file.stat().st_size:
             rows = [json.loads(line) for line in heldout_file.read_text(encoding="utf-8").splitlines()]
             template = volume.read_manifest(volume.stage_dir(root, "finetune"))["parameters"]["text_template"]
-            extra["metrics"] = {
-                "onnx_adapter": evaluate_.onnx_loss(out, rows, template, adapter_name),
-            }
+            scored = [adapter_name, model_folder.BASE] if switchable else [adapter_name]
+            losses = evaluate_.onnx_losses(out, rows, template, scored)
+            extra["metrics"] = {"onnx_adapter": losses[adapter_name]}
             if switchable:
-                extra["metrics"]["onnx_base"] = evaluate_.onnx_loss(out, rows, template, model_folder.BASE)
+                extra["metrics"]["onnx_base"] = losses[model_folder.BASE]
         return extra
 
     inputs = {"base": base, "adapter": adapter}

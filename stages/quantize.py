@@ -207,11 +207,11 @@ def _dequantize_awq(quantized: Path, out: Path, dtype: str) -> None:
     for key in [k for k in state if k.endswith(".qweight")]:
         prefix = key.removesuffix(".qweight")
         packed = [state.pop(f"{prefix}.{part}").to(device) for part in ("qweight", "qzeros", "scales")]
-        weight = dequantize_gemm(*packed, qcfg["bits"], qcfg["group_size"])
+        weight = dequantize_gemm(*packed, qcfg["bits"], qcfg["group_size"]).to(getattr(torch, dtype))
         state[f"{prefix}.weight"] = weight.T.contiguous().cpu()  # AWQ packs (in, out); nn.Linear holds (out, in)
     out.mkdir(parents=True, exist_ok=True)
     save_file(
-        {k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()},
+        {k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()},  # a no-op for the weights above
         out / "model.safetensors",
         metadata={"format": "pt"},
     )

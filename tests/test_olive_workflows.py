@@ -109,12 +109,14 @@ def test_finetune_trains_lora_on_the_train_file_with_the_parameters():
     assert workflow["output_dir"] == str(WORK / "rank0" / "output")
 
 
-def test_finetune_trains_with_the_attention_its_family_declares():
+def test_finetune_trains_with_the_attention_its_family_needs_else_the_faster_on_its_device():
     paths = finetune.Paths(Path("/volume/quantize/dequantized"), WORK, "cpu")
     workflow = finetune.olive_workflow(finetune_parameters(attention="eager"), paths)
     assert workflow["input_model"]["load_kwargs"] == {"attn_implementation": "eager"}
-    assert families.BY_NAME["gemma2"].training_attention == "eager"  # soft-capping: transformers refuses sdpa
-    assert families.BY_NAME["phi3"].training_attention == "sdpa"
+    gemma2, phi3 = families.BY_NAME["gemma2"], families.BY_NAME["phi3"]
+    # Gemma 2's soft-capping: transformers refuses sdpa for it.
+    assert [finetune.training_attention(gemma2, device) for device in ("cpu", "gpu")] == ["eager", "eager"]
+    assert [finetune.training_attention(phi3, device) for device in ("cpu", "gpu")] == ["sdpa", "eager"]
 
 
 def test_each_training_process_gets_its_own_folder_and_on_gpus_its_own_device():
