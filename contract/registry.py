@@ -116,6 +116,12 @@ PIPELINE: tuple[Stage, ...] = (
 STAGES: Mapping[str, Stage] = MappingProxyType({stage.name: stage for stage in PIPELINE})
 NAMES: tuple[str, ...] = tuple(STAGES)
 
+# `olivepress run` starts each stage's process while the stage before it runs, with this variable set: the
+# process imports its libraries, then waits for the line TURN on its standard input before it does anything
+# else; standard input closing instead means the run stopped.
+WAIT_FOR_TURN = "OLIVEPRESS_WAIT_FOR_TURN"
+TURN = "go"
+
 
 def run_shortcuts() -> dict[str, list[str]]:
     """`olivepress run`'s shortcut options and the stage variables each sets, e.g. data_files -> two variables."""

@@ -3,7 +3,9 @@
 Each stage runs as ``python -m stages.<name>`` (what its container runs), its
 console output goes to ``<home>/logs/<stage>.console.txt`` and the terminal
 shows one line of progress per stage.  Settings reach the stages as the
-``OLIVEPRESS_<STAGE>_<OPTION>`` variables every stage option reads.
+``OLIVEPRESS_<STAGE>_<OPTION>`` variables every stage option reads.  Each
+stage's process starts while the stage before it runs and imports its
+libraries (seconds each for torch, transformers and Olive) before its turn.
 """
 
 from __future__ import annotations
@@ -37,14 +39,12 @@ def _table(states: dict[str, tuple[str, str]]) -> Table:
     return table
 
 
-def run_stage_process(
-    stage: str, root: Path, force: bool, env: dict[str, str], logs: Path, progress: Callable[[str], None]
-) -> tuple[int, Path]:
-    """The stage in its own process (as its container runs it), holding this process's writer lock.
-
-    Its output goes to its console log; each line (or progress-bar update) is also handed to ``progress``.
-    """
-    console_log = logs / f"{stage}.console.txt"
+def start_stage_process(
+    stage: str, root: Path, force: bool, env: dict[str, str], wait_for_turn: bool = False
+) -> subprocess.Popen:
+    """The stage in its own process (as its container runs it), holding this process's writer lock. With
+    ``wait_for_turn`` it imports its libraries and waits for ``take_turn``: started while the stage before it runs,
+    its start-up overlaps that stage's work instead of following it."""
     command = [sys.executable, "-m", registry.STAGES[stage].module, "--home", str(root)] + (
         ["--force"] if force else []
     )
@@ -53,11 +53,29 @@ def run_stage_process(
         env, passed = {**env, lock.FD_ENV: str(held)}, (held,)
     else:
         passed = ()
+    if wait_for_turn:
+        env = {**env, registry.WAIT_FOR_TURN: "1"}
+    return subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE if wait_for_turn else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        pass_fds=passed,
+        bufsize=0,
+    )
+
+
+def follow_stage_process(
+    process: subprocess.Popen, console_log: Path, progress: Callable[[str], None]
+) -> tuple[int, Path]:
+    """Give a waiting stage process its turn, then follow it to the end: its output goes to ``console_log`` and
+    each line (or progress-bar update) is also handed to ``progress``."""
+    if process.stdin is not None:
+        process.stdin.write(f"{registry.TURN}\n".encode())
+        process.stdin.close()
+    assert process.stdout is not None
     with console_log.open("wb") as out:
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, pass_fds=passed, bufsize=0
-        )
-        assert process.stdout is not None
         pending = b""
         for chunk in iter(lambda: process.stdout.read(4096), b""):
             out.write(chunk)
@@ -67,6 +85,13 @@ def run_stage_process(
             if latest is not None:
                 progress(latest.decode("utf-8", errors="replace").strip())
     return process.wait(), console_log
+
+
+def stop(process: subprocess.Popen | None) -> None:
+    """End a stage process that is still waiting for its turn (the run stopped before it)."""
+    if process is not None and process.poll() is None:
+        process.kill()
+        process.wait()
 
 
 # What counts as progress in a stage's output: a bar or count (AWQ layers, training steps, shards), a training
@@ -162,38 +187,45 @@ def command(
             env.update(dict.fromkeys(registry.run_shortcuts()[name], str(value)))
     console = Console(stderr=True)
     states = {stage: ("waiting", "") for stage in registry.NAMES}
+    upcoming: subprocess.Popen | None = None
     with writing(root) as logs, Live(_table(states), console=console, refresh_per_second=8, transient=False) as live:
-        for stage in registry.NAMES:
-            before = volume.manifest_or_none(volume.stage_dir(root, stage))
-            states[stage] = ("running", f"log: {logs / (stage + '.console.txt')}")
-            live.update(_table(states))
-            clock = time.perf_counter()
+        try:
+            for position, stage in enumerate(registry.NAMES):
+                before = volume.manifest_or_none(volume.stage_dir(root, stage))
+                states[stage] = ("running", f"log: {logs / (stage + '.console.txt')}")
+                live.update(_table(states))
+                clock = time.perf_counter()
+                process = upcoming or start_stage_process(stage, root, force, env)
+                later = registry.NAMES[position + 1 : position + 2]
+                upcoming = start_stage_process(later[0], root, force, env, wait_for_turn=True) if later else None
 
-            def show(line: str, stage: str = stage) -> None:
-                states[stage] = ("running", progress_detail(line))
-                live.update(_table(states))
+                def show(line: str, stage: str = stage) -> None:
+                    states[stage] = ("running", progress_detail(line))
+                    live.update(_table(states))
 
-            try:
-                code, console_log = run_stage_process(stage, root, force, env, logs, show)
-            except KeyboardInterrupt:
-                states[stage] = ("failed", "interrupted: nothing of this stage was published")
+                try:
+                    code, console_log = follow_stage_process(process, logs / f"{stage}.console.txt", show)
+                except KeyboardInterrupt:
+                    states[stage] = ("failed", "interrupted: nothing of this stage was published")
+                    live.update(_table(states))
+                    raise SystemExit(130) from None
+                if code != 0:
+                    states[stage] = ("failed", f"exit {code} after {time.perf_counter() - clock:.1f} s")
+                    live.update(_table(states))
+                    live.stop()
+                    console.print()
+                    console.print(f"[red]{stage} failed[/red] (exit {code}); later stages were not run.")
+                    console.print(_error_lines(console_log), markup=False, highlight=False, soft_wrap=True)
+                    console.print(f"Full output: {console_log}")
+                    raise SystemExit(code if code in set(map(int, Exit)) else Exit.FAILED)
+                after = volume.read_manifest(volume.stage_dir(root, stage))
+                if after == before:
+                    states[stage] = ("skipped", "unchanged since the last run")
+                else:
+                    states[stage] = ("done", f"{after['wall_s']:.1f} s, {after['bytes_out'] / 1e6:.1f} MB")
                 live.update(_table(states))
-                raise SystemExit(130) from None
-            if code != 0:
-                states[stage] = ("failed", f"exit {code} after {time.perf_counter() - clock:.1f} s")
-                live.update(_table(states))
-                live.stop()
-                console.print()
-                console.print(f"[red]{stage} failed[/red] (exit {code}); later stages were not run.")
-                console.print(_error_lines(console_log), markup=False, highlight=False, soft_wrap=True)
-                console.print(f"Full output: {console_log}")
-                raise SystemExit(code if code in set(map(int, Exit)) else Exit.FAILED)
-            after = volume.read_manifest(volume.stage_dir(root, stage))
-            if after == before:
-                states[stage] = ("skipped", "unchanged since the last run")
-            else:
-                states[stage] = ("done", f"{after['wall_s']:.1f} s, {after['bytes_out'] / 1e6:.1f} MB")
-            live.update(_table(states))
+        finally:
+            stop(upcoming)
     answers = json.loads(volume.output(root, "infer", "answers").read_text())
     for answer in answers:
         click.echo(f"\n[{answer['adapter']}] {answer['prompt']}\n{answer['text'].strip()}")

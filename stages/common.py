@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
+import importlib
 import json
 import logging
 import os
@@ -17,7 +19,7 @@ from typing import Any
 
 import click
 
-from contract import exits, lock, logs, volume
+from contract import exits, lock, logs, registry, volume
 
 _console = {"verbose": False}
 # Packages whose versions every torch-side stage records in its manifest.
@@ -54,13 +56,22 @@ def stage_command(name: str, help_text: str | None = None) -> Callable[[Callable
     return decorate
 
 
-def entrypoint(command: click.Command) -> None:
+def entrypoint(command: click.Command, warm_imports: tuple[str, ...] = ()) -> None:
     """``python -m stages.<name>``: the container entrypoint, with the same env-var prefix as the launcher.
+
+    Started ahead of its turn (``registry.WAIT_FOR_TURN``), the process first imports ``warm_imports`` (what the
+    stage's work loads: torch, transformers, Olive) and waits for its turn.
 
     Once the command is done (its outputs published or its error reported) the process ends without the
     interpreter's teardown: unloading torch, transformers and Olive module by module takes 1-1.5 s per stage
     and writes nothing. Logs and the standard streams are flushed first.
     """
+    if os.environ.pop(registry.WAIT_FOR_TURN, None):  # popped: the stage's own subprocesses start at once
+        for module in warm_imports:
+            with contextlib.suppress(ImportError):  # the stage reports a missing package when it needs it
+                importlib.import_module(module)
+        if sys.stdin.readline().strip() != registry.TURN:
+            os._exit(exits.Exit.INTERRUPTED)  # the run stopped before this stage's turn
     try:
         command(prog_name=f"python -m stages.{command.name}", auto_envvar_prefix=f"OLIVEPRESS_{command.name.upper()}")
         code: object = 0

@@ -91,4 +91,4 @@ def command(
 
 
 if __name__ == "__main__":
-    common.entrypoint(command)
+    common.entrypoint(command, warm_imports=("onnxruntime_genai",))

@@ -455,4 +455,12 @@ def command(
 
 
 if __name__ == "__main__":
-    common.entrypoint(command)
+    common.entrypoint(
+        command,
+        warm_imports=(
+            "olive.workflows",
+            "olive.passes.onnx.model_builder",
+            "olive.passes.onnx.extract_adapters",
+            "onnxruntime_genai.models.builder",
+        ),
+    )

@@ -372,4 +372,6 @@ def command(
 
 
 if __name__ == "__main__":
-    common.entrypoint(command)
+    common.entrypoint(
+        command, warm_imports=("olive.workflows", "olive.passes.pytorch.gptq", "olive.passes.pytorch.autoawq")
+    )

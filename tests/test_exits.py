@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import click
 import pytest
 
-from contract import exits
+from contract import exits, registry
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,3 +84,26 @@ common.entrypoint(probe)
     assert "logged before the end" in (tmp_path / "log.txt").read_text()
     if code:
         assert "no such rows" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_stage_started_ahead_of_its_turn_waits_for_it_and_ends_if_the_run_stops(tmp_path):
+    """`olivepress run` starts the next stage's process early: it must import, then do nothing until its turn."""
+    script = f"""
+import click
+from stages import common
+@click.command("probe")
+def probe():
+    open({str(tmp_path / "ran")!r}, "w").close()
+common.entrypoint(probe, warm_imports=("json", "no_such_module_here"))
+"""
+    env = {**os.environ, registry.WAIT_FOR_TURN: "1"}
+    root = REPO
+    waiting = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, env=env, cwd=root)
+    with pytest.raises(subprocess.TimeoutExpired):
+        waiting.wait(timeout=2)
+    assert not (tmp_path / "ran").exists()
+    waiting.communicate(f"{registry.TURN}\n".encode(), timeout=60)
+    assert waiting.returncode == 0 and (tmp_path / "ran").exists()
+    (tmp_path / "ran").unlink()
+    stopped = subprocess.run([sys.executable, "-c", script], input=b"", env=env, cwd=root, timeout=60)
+    assert stopped.returncode == exits.Exit.INTERRUPTED and not (tmp_path / "ran").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import TINY_STEPS, olivepress
@@ -53,6 +54,15 @@ def test_a_failing_stage_stops_the_run_with_its_message(tmp_path):
     assert result.returncode == 2
     assert "line 2" in result.stderr and "quantize failed" in result.stderr
     assert not (tmp_path / "home" / "finetune").exists()
+    # finetune's process, started to wait for its turn, ended with the run.
+    assert not [p for p in Path("/proc").glob("[0-9]*") if str(tmp_path) in _cmdline(p)]
+
+
+def _cmdline(process: Path) -> str:
+    try:
+        return (process / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_status_lists_the_stages(tiny_run):
