@@ -180,6 +180,9 @@ def name_olive_input_models_by_path() -> bool:
         keys = ("model_path", "adapter_path", "model_script", "script_dir")
         return hash_string(json.dumps({key: str(self.config.get(key)) for key in keys}))
 
+    identifier_from_paths.olive_original = getattr(  # type: ignore[attr-defined]
+        ModelConfig.get_model_identifier, "olive_original", ModelConfig.get_model_identifier
+    )
     ModelConfig.get_model_identifier = identifier_from_paths
     return True
 

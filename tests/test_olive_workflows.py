@@ -301,7 +301,8 @@ def test_olive_names_an_input_model_by_its_paths_without_reading_it(monkeypatch,
     per run; the name now comes from the paths: stable for one model, different for another."""
     from olive.model.config.model_config import ModelConfig
 
-    monkeypatch.setattr(ModelConfig, "get_model_identifier", ModelConfig.get_model_identifier)
+    current = ModelConfig.get_model_identifier  # Olive's own, unless a stage run in this process patched it
+    monkeypatch.setattr(ModelConfig, "get_model_identifier", getattr(current, "olive_original", current))
     read = []
     monkeypatch.setattr("olive.model.config.model_config.hash_file", lambda *a, **k: read.append(a) or "0" * 64)
     (tmp_path / "a").mkdir()
