@@ -43,8 +43,8 @@ def start_stage_process(
     stage: str, root: Path, force: bool, env: dict[str, str], wait_for_turn: bool = False
 ) -> subprocess.Popen:
     """The stage in its own process (as its container runs it), holding this process's writer lock. With
-    ``wait_for_turn`` it imports its libraries and waits for ``take_turn``: started while the stage before it runs,
-    its start-up overlaps that stage's work instead of following it."""
+    ``wait_for_turn`` it imports its libraries and waits until ``follow_stage_process`` gives it its turn: started
+    while the stage before it runs, its start-up overlaps that stage's work instead of following it."""
     command = [sys.executable, "-m", registry.STAGES[stage].module, "--home", str(root)] + (
         ["--force"] if force else []
     )
