@@ -47,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from serve_overhead import machine, streamed_events, versions  # noqa: E402 (this folder: the script's own)
+from serve_overhead import machine, streamed_chat, streamed_events, versions  # noqa: E402 (this folder: the script's own)
 
 from contract.model_folder import BASE  # noqa: E402
 from runtime.engine import og_config  # noqa: E402
@@ -322,15 +322,7 @@ def _stream(start: float, stamps: list[float], tokens: int) -> Stream:
 
 def olivepress_client(port: int, model: str, prompt: str) -> Stream:
     """One streamed chat completion from `olivepress serve`: a stamp per content event, the count from its usage."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": NEW_TOKENS,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    stamps, tokens = [], 0
-    start = time.perf_counter()
-    for now, event in streamed_events(port, "/v1/chat/completions", body):
-        if event.get("usage"):
-            tokens = event["usage"]["completion_tokens"]
-        if event["choices"] and event["choices"][0]["delta"].get("content"):
-            stamps.append(now)
+    start, stamps, tokens = streamed_chat(port, model, prompt, NEW_TOKENS)
     if tokens != NEW_TOKENS:
         raise SystemExit(f"{prompt!r} ended after {tokens} tokens with {model}; choose another USER_PROMPTS entry")
     return _stream(start, stamps, tokens)

@@ -105,12 +105,13 @@ def streamed_events(port: int, path: str, body: dict) -> Iterator[tuple[float, d
         conn.close()
 
 
-def server_run(port: int, model: str, max_new: int) -> Run:
-    """One streamed chat completion; a timestamp per content chunk received, the token count from its usage."""
+def streamed_chat(port: int, model: str, prompt: str, max_tokens: int) -> tuple[float, list[float], int | None]:
+    """One streamed chat completion from an OpenAI-compatible server: when it was sent, the arrival time of each
+    event with content, and the completion tokens its usage reports (None without one)."""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": max_new,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -121,7 +122,11 @@ def server_run(port: int, model: str, max_new: int) -> Run:
             tokens = event["usage"]["completion_tokens"]
         if event["choices"] and event["choices"][0]["delta"].get("content"):
             stamps.append(now)
-    return _timing(start, stamps, tokens)
+    return start, stamps, tokens
+
+
+def server_run(port: int, model: str, max_new: int) -> Run:
+    return _timing(*streamed_chat(port, model, PROMPT, max_new))
 
 
 def settled(run: Callable[[], Run]) -> Run:
